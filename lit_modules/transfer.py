@@ -1,0 +1,242 @@
+"""TransferClassifier: a pretrained CNN as a fixed feature extractor, fine-tuned, or from scratch.
+
+Modes (the lecture's three ways to use a CNN trained on another task):
+- `linear_probe`: every backbone stage frozen (no gradients, BatchNorm in eval mode); only a
+  linear head learns -- softmax (cross-entropy) or a linear SVM (squared hinge). With
+  `cache_features` the frozen features are extracted once and the head trains on them.
+- `finetune`: all stages, or only the top `trainable_stages`, learn; pretrained layers at
+  `lr * backbone_lr_mult`; `unfreeze_every` epochs one more stage thaws (gradual unfreezing).
+- `scratch`: random initialisation, the baseline transfer has to beat.
+If the weights come with their own classifier (a digits-pretraining checkpoint), it is kept as
+the source head and `test` reports `test/source_acc`: how much of the source task survived.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import LightningModule
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+from torchmetrics.classification import MulticlassAccuracy
+
+from lit_modules.nets.transfer_net import build_transfer_net
+from lit_modules.visual import labelled_grid, log_picture
+
+MODES = ("linear_probe", "finetune", "scratch")
+HEADS = ("softmax", "svm")
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULERS = ("cosine", "none")
+
+
+def _check_choice(name: str, value: str, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(valid)}")
+
+
+class TransferClassifier(LightningModule):
+    monitor = ("val/acc", "max")  # what the best checkpoint tracks
+
+    def __init__(
+        self,
+        backbone: str = "digits_cnn",
+        weights: str | None = None,
+        num_classes: int = 10,
+        mode: Literal["linear_probe", "finetune", "scratch"] = "finetune",
+        head: Literal["softmax", "svm"] = "softmax",
+        trainable_stages: int | None = None,
+        backbone_lr_mult: float = 0.1,
+        unfreeze_every: int = 0,
+        cache_features: bool = True,
+        optimizer: Literal["adamw", "sgd"] = "adamw",
+        lr: float = 1e-3,
+        weight_decay: float = 1e-4,
+        momentum: float = 0.9,
+        scheduler: Literal["cosine", "none"] = "cosine",
+        label_smoothing: float = 0.0,
+        num_sample_images: int = 16,
+    ) -> None:
+        """
+        Args:
+            backbone: `digits_cnn` or a torchvision classifier name (resnet18/34/50, vgg11/16[_bn],
+                mobilenet_v3_large/small, efficientnet_b0).
+            weights: `DEFAULT`, a torchvision weights name (`IMAGENET1K_V2`), null (random), or a
+                path to a state dict / TransferClassifier checkpoint (loaded with weights_only=True).
+            trainable_stages: finetune only: how many top stages learn (null: all).
+            backbone_lr_mult: learning-rate factor for pretrained stages (the head gets `lr`).
+            unfreeze_every: finetune only: if > 0, start with `trainable_stages` (or 0) stages
+                trainable and thaw one more every this many epochs (single device only).
+            cache_features: linear_probe only: extract frozen features once, train the head on them.
+            num_sample_images: validation images drawn with their predictions each epoch (0: none).
+        """
+        super().__init__()
+        _check_choice("mode", mode, MODES)
+        _check_choice("head", head, HEADS)
+        _check_choice("optimizer", optimizer, OPTIMIZERS)
+        _check_choice("scheduler", scheduler, SCHEDULERS)
+        if mode == "scratch" and weights is not None:
+            raise ValueError("mode 'scratch' trains from random initialisation: set weights: null")
+        self.save_hyperparameters()
+        self.net = build_transfer_net(backbone=backbone, num_classes=num_classes, weights=weights)
+        n = len(self.net.stages)
+        if trainable_stages is not None and not 0 <= trainable_stages <= n:
+            raise ValueError(f"trainable_stages must be in 0..{n} for {backbone}, got {trainable_stages}")
+        self.net.freeze_bottom(self._frozen_at(epoch=0))
+        if head == "svm":  # Weston-Watkins multi-class squared hinge; weight decay is the SVM's C
+            self.criterion: nn.Module = nn.MultiMarginLoss(p=2, margin=1.0)
+        else:
+            self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        acc = lambda k: MulticlassAccuracy(num_classes=k, average="micro")  # noqa: E731
+        self.train_acc, self.val_acc, self.test_acc = acc(num_classes), acc(num_classes), acc(num_classes)
+        source = self.net.source_head
+        self.source_acc = acc(source.out_features) if source is not None else None
+        self._samples: tuple[torch.Tensor, ...] | None = None
+
+    # ------------------------------------------------------------------ freezing
+
+    def _frozen_at(self, epoch: int) -> int:
+        """How many bottom stages are frozen during `epoch`."""
+        hp, n = self.hparams, len(self.net.stages)
+        if hp.mode == "linear_probe":
+            return n
+        if hp.mode == "scratch":
+            return 0
+        top = n if hp.trainable_stages is None else hp.trainable_stages
+        if hp.unfreeze_every > 0:
+            top = min(n, (hp.trainable_stages or 0) + epoch // hp.unfreeze_every)
+        return n - top
+
+    def on_train_epoch_start(self) -> None:
+        if self.hparams.unfreeze_every > 0:
+            self.net.freeze_bottom(self._frozen_at(self.current_epoch))
+
+    # ------------------------------------------------------------------ linear-probe fast path
+
+    @torch.no_grad()
+    def extract_features(self, loader: DataLoader) -> tuple[torch.Tensor, torch.Tensor]:
+        """Backbone features of every batch of `loader`: (N, D) float32 on CPU, (N,) labels."""
+        was_training = self.net.training
+        self.net.eval()
+        feats, labels = [], []
+        for x, y in loader:
+            x = x.to(self.device)
+            feats.append((x if x.ndim == 2 else self.net.forward_features(x)).float().cpu())
+            labels.append(y)
+        self.net.train(was_training)
+        return torch.cat(feats), torch.cat(labels)
+
+    def setup(self, stage: str) -> None:
+        hp = self.hparams
+        if self.trainer.world_size > 1 and hp.unfreeze_every > 0:
+            raise ValueError(
+                "unfreeze_every > 0 is not supported under DDP: DDP fixes the trainable parameters "
+                "when it wraps the model. Use one device, or finetune with fixed trainable_stages."
+            )
+        dm = self.trainer.datamodule
+        if stage != "fit" or hp.mode != "linear_probe" or not hp.cache_features or dm is None:
+            return
+        # Runs before Lightning first asks for the train loader, so the cached one is used from
+        # step 0. One pass of the (possibly augmented) train loader: one view per image.
+        self.to(self.trainer.strategy.root_device)
+        loader = dm.train_dataloader()
+        feats, labels = self.extract_features(loader)
+        cached = TensorDataset(feats, labels)
+        bs = loader.batch_size or 128
+        dm.train_dataloader = lambda: DataLoader(cached, batch_size=bs, shuffle=True)
+
+    # ------------------------------------------------------------------ steps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)  # (B, K) logits
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        want = self.net.stages[0]
+        first = next((m for m in want.modules() if isinstance(m, nn.Conv2d)), None)
+        if x.ndim == 4 and first is not None and x.shape[1] != first.in_channels:
+            raise ValueError(
+                f"backbone {self.hparams.backbone} expects {first.in_channels}-channel images, "
+                f"got {x.shape[1]} (for digits set data.channels: {first.in_channels})"
+            )
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch  # (B, C, H, W) images, or (B, D) cached features
+        if batch_idx == 0:
+            self._check_input(x)
+        feats = x if x.ndim == 2 else self.net.forward_features(x)
+        logits = self.net.forward_head(feats)
+        loss = self.criterion(logits, y)
+        self.train_acc(logits, y)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        x, y = batch
+        if batch_idx == 0:
+            self._check_input(x)
+        logits = self(x)
+        self.val_acc(logits, y)
+        self.log("val/loss", self.criterion(logits, y), sync_dist=True)
+        self.log("val/acc", self.val_acc, prog_bar=True)
+        k = self.hparams.num_sample_images
+        if batch_idx == 0 and k > 0 and not self.trainer.sanity_checking:
+            self._samples = (x[:k], logits[:k].argmax(1), y[:k])
+
+    def on_validation_epoch_end(self) -> None:
+        if self._samples is None:
+            return
+        x, pred, y = self._samples
+        self._samples = None
+        names = getattr(self.trainer.datamodule, "class_names", None) or [str(i) for i in range(self.hparams.num_classes)]
+        texts = [f"{names[p]} ({names[t]})" if p != t else names[p] for p, t in zip(pred.tolist(), y.tolist(), strict=True)]
+        grid = labelled_grid(x, texts, (pred == y).tolist())
+        log_picture(self, "val/predictions", grid, caption="prediction (truth if wrong)")
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        x, y = batch
+        if dataloader_idx == 0:
+            self.test_acc(self(x), y)
+            self.log("test/acc", self.test_acc, add_dataloader_idx=False)
+        elif self.source_acc is not None:  # the source task, through the source head
+            self.source_acc(self.net.source_head(self.net.forward_features(x)), y)
+            self.log("test/source_acc", self.source_acc, add_dataloader_idx=False)
+
+    def predict_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
+        x = batch[0] if isinstance(batch, list | tuple) else batch
+        probs = self(x).softmax(1)
+        score, pred = probs.max(1)
+        return {"pred": pred.cpu(), "score": score.cpu()}
+
+    def format_predictions(self, outputs: list[dict[str, torch.Tensor]]) -> list[dict[str, Any]]:
+        """Rows of predictions.json: one per predicted image, in loader order."""
+        pred = torch.cat([o["pred"] for o in outputs]).tolist()
+        score = torch.cat([o["score"] for o in outputs]).tolist()
+        return [{"index": i, "pred": p, "score": round(s, 6)} for i, (p, s) in enumerate(zip(pred, score, strict=True))]
+
+    # ------------------------------------------------------------------ optimisation
+
+    def _param_groups(self) -> list[dict[str, Any]]:
+        hp = self.hparams
+        mult = hp.backbone_lr_mult if hp.weights is not None else 1.0
+        # Gradual unfreezing needs every stage in the optimizer from the start; otherwise only
+        # the stages that will ever learn.
+        first = 0 if hp.unfreeze_every > 0 else self.net.num_frozen
+        stage_params = [p for s in self.net.stages[first:] for p in s.parameters()]
+        groups = [{"params": list(self.net.head.parameters()), "lr": hp.lr}]
+        if stage_params:
+            groups.append({"params": stage_params, "lr": hp.lr * mult})
+        return groups
+
+    def configure_optimizers(self) -> Any:
+        hp = self.hparams
+        groups = self._param_groups()
+        if hp.optimizer == "sgd":
+            opt = torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
+        else:
+            opt = torch.optim.AdamW(groups, lr=hp.lr, weight_decay=hp.weight_decay)
+        if hp.scheduler == "none":
+            return opt
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

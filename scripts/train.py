@@ -1,0 +1,89 @@
+"""Train, validate, test or predict any cnnlab module + datamodule from a YAML config.
+
+    python scripts/train.py fit --config configs/transfer/digits_finetune.yaml
+    python scripts/train.py test --config configs/transfer/digits_finetune.yaml --ckpt_path runs/.../last.ckpt
+    python scripts/train.py fit --config ... --print_config        # the resolved config
+
+Runs go to <trainer.default_root_dir>/<name>/version_N/ (default runs/<config stem>/...):
+config.yaml, metrics.json, checkpoints/ (best + last), images/, metrics.csv and the offline
+W&B run in wandb/ (`--wandb online` after `wandb login` streams it; `wandb sync` uploads later).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone, no install
+
+from lightning.pytorch import Trainer  # noqa: E402
+from lightning.pytorch.callbacks import LearningRateMonitor, RichProgressBar  # noqa: E402
+from lightning.pytorch.cli import LightningCLI  # noqa: E402
+from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger  # noqa: E402
+
+from lit_modules.callbacks import BestAndLastCheckpoint, MetricsJSON, PredictionsJSON  # noqa: E402
+
+WANDB_MODES = ("offline", "online", "disabled")
+
+
+def default_loggers(root: str, name: str, wandb: str, project: str) -> list[Logger]:
+    """CSV logger (it fixes the run dir) and a W&B logger writing into the same dir."""
+    csv = CSVLogger(save_dir=root, name=name)
+    loggers: list[Logger] = [csv]
+    if wandb != "disabled":
+        os.environ.setdefault("WANDB_SILENT", "true")
+        _ = csv.experiment  # creates the (empty) run dir before W&B writes into it
+        loggers.append(WandbLogger(project=project, name=name, save_dir=csv.log_dir, offline=wandb == "offline"))
+    return loggers
+
+
+class CnnlabCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        parser.add_argument("--name", type=str | None, default=None, help="Run name: runs go to <default_root_dir>/<name>/version_N (default: the config file's stem).")
+        parser.add_argument(
+            "--wandb",
+            type=Literal["offline", "online", "disabled"],
+            default=os.environ.get("WANDB_MODE", "offline") if os.environ.get("WANDB_MODE") in WANDB_MODES else "offline",
+            help="Weights & Biases mode: offline (default; no account, no network), online (after `wandb login`), disabled.",
+        )
+        parser.add_argument("--wandb_project", type=str, default="cnnlab", help="W&B project name.")
+
+    def _run_name(self, cfg: Any) -> str:
+        if cfg.get("name"):
+            return cfg["name"]
+        configs = cfg.get("config") or []
+        if configs:
+            return Path(str(configs[-1])).stem
+        model = self.model.__class__.__name__
+        return model.lower()
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        cfg = self.config[self.subcommand] if self.subcommand else self.config
+        trainer_cfg = self._get(self.config_init, "trainer", default={})
+        if trainer_cfg.get("logger") in (None, True):
+            root = trainer_cfg.get("default_root_dir") or "runs"
+            kwargs["logger"] = default_loggers(root, self._run_name(cfg), cfg.get("wandb"), cfg.get("wandb_project"))
+        callbacks = [BestAndLastCheckpoint(), MetricsJSON(), PredictionsJSON()]
+        if kwargs.get("logger") or trainer_cfg.get("logger"):
+            callbacks.append(LearningRateMonitor(logging_interval="step"))
+        if trainer_cfg.get("enable_progress_bar", True) is not False:
+            callbacks.append(RichProgressBar())
+        kwargs["callbacks"] = [*(trainer_cfg.get("callbacks") or []), *callbacks]
+        return super().instantiate_trainer(**kwargs)
+
+
+def main(args: list[str] | None = None) -> CnnlabCLI:
+    return CnnlabCLI(
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        trainer_defaults={"default_root_dir": "runs"},
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"description": __doc__},
+        args=args,
+    )
+
+
+if __name__ == "__main__":
+    main()
