@@ -90,11 +90,19 @@ class DigitCanvas(Dataset):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         if not 1 <= num_digits[0] <= num_digits[1]:
-            raise ValueError(f"num_digits must be (min, max) with 1 <= min <= max, got {num_digits}")
+            raise ValueError(
+                f"num_digits must be (min, max) with 1 <= min <= max, got {num_digits}"
+            )
         if not 8 <= digit_size[0] <= digit_size[1] <= size:
             raise ValueError(f"digit_size must satisfy 8 <= min <= max <= size, got {digit_size}")
         if channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {channels}")
+        if background not in ("black", "noise", "gradient"):
+            raise ValueError(f"background must be black, noise or gradient, got {background!r}")
+        if clutter < 0 or length < 0:
+            raise ValueError(
+                f"clutter and length must be >= 0, got clutter={clutter}, length={length}"
+            )
         self.split, self.length, self.size = split, length, size
         self.num_digits, self.digit_size = num_digits, digit_size
         self.clutter, self.background, self.channels, self.seed = (
@@ -117,7 +125,11 @@ class DigitCanvas(Dataset):
             return rng.uniform(0.0, 0.3, (s, s)).astype(np.float32)
         if self.background == "gradient":
             ramp = np.linspace(0.0, rng.uniform(0.2, 0.4), s, dtype=np.float32)
-            return np.outer(np.ones(s, np.float32), ramp) if rng.random() < 0.5 else np.outer(ramp, np.ones(s, np.float32))
+            return (
+                np.outer(np.ones(s, np.float32), ramp)
+                if rng.random() < 0.5
+                else np.outer(ramp, np.ones(s, np.float32))
+            )
         return np.zeros((s, s), np.float32)
 
     def _digit(self, rng: np.random.Generator, side: int) -> tuple[np.ndarray, int]:
@@ -161,7 +173,9 @@ class DigitCanvas(Dataset):
             if not mask.any():
                 continue
             occupied[y : y + side, x : x + side] = True
-            np.maximum(canvas[y : y + side, x : x + side], digit, out=canvas[y : y + side, x : x + side])
+            np.maximum(
+                canvas[y : y + side, x : x + side], digit, out=canvas[y : y + side, x : x + side]
+            )
             ys, xs = np.nonzero(mask)
             boxes.append([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
             masks.append(mask)
@@ -213,6 +227,8 @@ class DigitsDataModule(LightningDataModule):
     (train split only). With `source_classes`, `test` also evaluates the source task (second test
     loader), so a transferred model reports `test/source_acc` -- catastrophic forgetting.
     `image_size`/`channels`/`normalize` adapt the digits to ImageNet backbones (e.g. 64, 3, imagenet).
+    `seed` draws the label budget; the train/val/test split itself is always `load_mnist5k()`'s,
+    so a digits classifier never sees the digits of DigitCanvas's val/test scenes.
     """
 
     def __init__(
@@ -232,10 +248,21 @@ class DigitsDataModule(LightningDataModule):
         super().__init__()
         self.save_hyperparameters()
         self.classes = list(range(10)) if classes is None else list(classes)
-        if not self.classes or len(set(self.classes)) != len(self.classes) or not set(self.classes) <= set(range(10)):
-            raise ValueError(f"classes must be distinct digits 0-9, got {classes}")
+        for name, value in (("classes", classes), ("source_classes", source_classes)):
+            if value is not None and (
+                not value or len(set(value)) != len(value) or not set(value) <= set(range(10))
+            ):
+                raise ValueError(f"{name} must be distinct digits 0-9, got {value}")
         if labels_per_class is not None and not 1 <= labels_per_class <= _PER_CLASS["train"]:
-            raise ValueError(f"labels_per_class must be in 1..{_PER_CLASS['train']} or null, got {labels_per_class}")
+            raise ValueError(
+                f"labels_per_class must be in 1..{_PER_CLASS['train']} or null, got {labels_per_class}"
+            )
+        if channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3, got {channels}")
+        if normalize not in ("digits", "imagenet"):
+            raise ValueError(f"normalize must be digits or imagenet, got {normalize!r}")
+        if max_eval_samples is not None and max_eval_samples < 1:
+            raise ValueError(f"max_eval_samples must be >= 1 or null, got {max_eval_samples}")
         self.num_classes = len(self.classes)
         self.class_names = [str(c) for c in self.classes]
         self._sets: dict[str, Dataset] = {}
@@ -255,8 +282,10 @@ class DigitsDataModule(LightningDataModule):
         steps.append(v2.Normalize(mean, std))
         return v2.Compose(steps)
 
-    def _subset(self, split: str, classes: list[int], per_class: int | None, limit: int | None) -> _Images:
-        data = load_mnist5k(self.hparams.seed)[split]
+    def _subset(
+        self, split: str, classes: list[int], per_class: int | None, limit: int | None
+    ) -> _Images:
+        data = load_mnist5k()[split]  # the fixed split: DigitCanvas scenes draw from the same one
         keep = np.flatnonzero(np.isin(data.labels, classes))
         keep = keep[budget_indices(data.labels[keep], per_class, self.hparams.seed)]
         if limit is not None:
@@ -278,11 +307,15 @@ class DigitsDataModule(LightningDataModule):
             self._sets["val"] = self._subset("val", self.classes, None, limit)
             self._sets["test"] = self._subset("test", self.classes, None, limit)
             if hp.source_classes:
-                self._sets["source_test"] = self._subset("test", list(hp.source_classes), None, limit)
+                self._sets["source_test"] = self._subset(
+                    "test", list(hp.source_classes), None, limit
+                )
 
     def _loader(self, name: str, train: bool = False) -> DataLoader:
         hp = self.hparams
-        return make_loader(self._sets[name], batch_size=hp.batch_size, num_workers=hp.num_workers, train=train)
+        return make_loader(
+            self._sets[name], batch_size=hp.batch_size, num_workers=hp.num_workers, train=train
+        )
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", train=True)

@@ -24,9 +24,9 @@ class MetricsJSON(Callback):
     """
 
     def _write(self, trainer: Trainer) -> None:
+        path = run_dir(trainer) / "metrics.json"  # every rank: log_dir is a collective under DDP
         if not trainer.is_global_zero:
             return
-        path = run_dir(trainer) / "metrics.json"
         metrics = json.loads(path.read_text()) if path.exists() else {}
         for key, value in trainer.callback_metrics.items():
             v = float(value.item() if isinstance(value, torch.Tensor) else value)

@@ -45,6 +45,7 @@ class TransferClassifier(LightningModule):
         num_classes: int = 10,
         mode: Literal["linear_probe", "finetune", "scratch"] = "finetune",
         head: Literal["softmax", "svm"] = "softmax",
+        feature_stages: int | None = None,
         trainable_stages: int | None = None,
         backbone_lr_mult: float = 0.1,
         unfreeze_every: int = 0,
@@ -63,6 +64,8 @@ class TransferClassifier(LightningModule):
                 mobilenet_v3_large/small, efficientnet_b0).
             weights: `DEFAULT`, a torchvision weights name (`IMAGENET1K_V2`), null (random), or a
                 path to a state dict / TransferClassifier checkpoint (loaded with weights_only=True).
+            feature_stages: how many bottom stages are transferred (Yosinski et al.'s n; null:
+                all). Below the top, the feature map is max-pooled to 4x4 and flattened.
             trainable_stages: finetune only: how many top stages learn (null: all).
             backbone_lr_mult: learning-rate factor for pretrained stages (the head gets `lr`).
             unfreeze_every: finetune only: if > 0, start with `trainable_stages` (or 0) stages
@@ -78,17 +81,28 @@ class TransferClassifier(LightningModule):
         if mode == "scratch" and weights is not None:
             raise ValueError("mode 'scratch' trains from random initialisation: set weights: null")
         self.save_hyperparameters()
-        self.net = build_transfer_net(backbone=backbone, num_classes=num_classes, weights=weights)
-        n = len(self.net.stages)
+        self.net = build_transfer_net(
+            backbone=backbone,
+            num_classes=num_classes,
+            weights=weights,
+            feature_stages=feature_stages,
+        )
+        n = self.net.feature_stages
         if trainable_stages is not None and not 0 <= trainable_stages <= n:
-            raise ValueError(f"trainable_stages must be in 0..{n} for {backbone}, got {trainable_stages}")
+            raise ValueError(
+                f"trainable_stages must be in 0..{n} for {backbone}, got {trainable_stages}"
+            )
         self.net.freeze_bottom(self._frozen_at(epoch=0))
         if head == "svm":  # Weston-Watkins multi-class squared hinge; weight decay is the SVM's C
             self.criterion: nn.Module = nn.MultiMarginLoss(p=2, margin=1.0)
         else:
             self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         acc = lambda k: MulticlassAccuracy(num_classes=k, average="micro")  # noqa: E731
-        self.train_acc, self.val_acc, self.test_acc = acc(num_classes), acc(num_classes), acc(num_classes)
+        self.train_acc, self.val_acc, self.test_acc = (
+            acc(num_classes),
+            acc(num_classes),
+            acc(num_classes),
+        )
         source = self.net.source_head
         self.source_acc = acc(source.out_features) if source is not None else None
         self._samples: tuple[torch.Tensor, ...] | None = None
@@ -97,7 +111,7 @@ class TransferClassifier(LightningModule):
 
     def _frozen_at(self, epoch: int) -> int:
         """How many bottom stages are frozen during `epoch`."""
-        hp, n = self.hparams, len(self.net.stages)
+        hp, n = self.hparams, self.net.feature_stages
         if hp.mode == "linear_probe":
             return n
         if hp.mode == "scratch":
@@ -144,6 +158,14 @@ class TransferClassifier(LightningModule):
         cached = TensorDataset(feats, labels)
         bs = loader.batch_size or 128
         dm.train_dataloader = lambda: DataLoader(cached, batch_size=bs, shuffle=True)
+        self._patched_dm = dm
+
+    def teardown(self, stage: str) -> None:
+        # Give the DataModule its own train loader back: a later fit of another model with the
+        # same DataModule must not train on this backbone's cached features.
+        if getattr(self, "_patched_dm", None) is not None:
+            del self._patched_dm.train_dataloader
+            self._patched_dm = None
 
     # ------------------------------------------------------------------ steps
 
@@ -159,7 +181,9 @@ class TransferClassifier(LightningModule):
                 f"got {x.shape[1]} (for digits set data.channels: {first.in_channels})"
             )
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def training_step(
+        self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
+    ) -> torch.Tensor:
         x, y = batch  # (B, C, H, W) images, or (B, D) cached features
         if batch_idx == 0:
             self._check_input(x)
@@ -188,18 +212,25 @@ class TransferClassifier(LightningModule):
             return
         x, pred, y = self._samples
         self._samples = None
-        names = getattr(self.trainer.datamodule, "class_names", None) or [str(i) for i in range(self.hparams.num_classes)]
-        texts = [f"{names[p]} ({names[t]})" if p != t else names[p] for p, t in zip(pred.tolist(), y.tolist(), strict=True)]
+        names = getattr(self.trainer.datamodule, "class_names", None) or [
+            str(i) for i in range(self.hparams.num_classes)
+        ]
+        texts = [
+            f"{names[p]} ({names[t]})" if p != t else names[p]
+            for p, t in zip(pred.tolist(), y.tolist(), strict=True)
+        ]
         grid = labelled_grid(x, texts, (pred == y).tolist())
         log_picture(self, "val/predictions", grid, caption="prediction (truth if wrong)")
 
-    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+    def test_step(
+        self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
         x, y = batch
         if dataloader_idx == 0:
             self.test_acc(self(x), y)
             self.log("test/acc", self.test_acc, add_dataloader_idx=False)
         elif self.source_acc is not None:  # the source task, through the source head
-            self.source_acc(self.net.source_head(self.net.forward_features(x)), y)
+            self.source_acc(self.net.forward_source(x), y)
             self.log("test/source_acc", self.source_acc, add_dataloader_idx=False)
 
     def predict_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
@@ -212,7 +243,10 @@ class TransferClassifier(LightningModule):
         """Rows of predictions.json: one per predicted image, in loader order."""
         pred = torch.cat([o["pred"] for o in outputs]).tolist()
         score = torch.cat([o["score"] for o in outputs]).tolist()
-        return [{"index": i, "pred": p, "score": round(s, 6)} for i, (p, s) in enumerate(zip(pred, score, strict=True))]
+        return [
+            {"index": i, "pred": p, "score": round(s, 6)}
+            for i, (p, s) in enumerate(zip(pred, score, strict=True))
+        ]
 
     # ------------------------------------------------------------------ optimisation
 
@@ -222,7 +256,9 @@ class TransferClassifier(LightningModule):
         # Gradual unfreezing needs every stage in the optimizer from the start; otherwise only
         # the stages that will ever learn.
         first = 0 if hp.unfreeze_every > 0 else self.net.num_frozen
-        stage_params = [p for s in self.net.stages[first:] for p in s.parameters()]
+        stage_params = [
+            p for s in self.net.stages[first : self.net.feature_stages] for p in s.parameters()
+        ]
         groups = [{"params": list(self.net.head.parameters()), "lr": hp.lr}]
         if stage_params:
             groups.append({"params": stage_params, "lr": hp.lr * mult})
@@ -232,7 +268,9 @@ class TransferClassifier(LightningModule):
         hp = self.hparams
         groups = self._param_groups()
         if hp.optimizer == "sgd":
-            opt = torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
+            opt = torch.optim.SGD(
+                groups, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay
+            )
         else:
             opt = torch.optim.AdamW(groups, lr=hp.lr, weight_decay=hp.weight_decay)
         if hp.scheduler == "none":

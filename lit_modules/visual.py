@@ -21,7 +21,9 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x[:, :3]
 
 
-def labelled_grid(images: torch.Tensor, texts: list[str], correct: list[bool], *, side: int = 84) -> torch.Tensor:
+def labelled_grid(
+    images: torch.Tensor, texts: list[str], correct: list[bool], *, side: int = 84
+) -> torch.Tensor:
     """A grid of images, each with its caption in green (right) or red (wrong): (3, H, W) uint8."""
     x = to_uint8(images)
     x = F.interpolate(x.float(), size=(side, side), mode="nearest").to(torch.uint8)
@@ -39,12 +41,15 @@ def run_dir(module: LightningModule) -> Path:
     return Path(trainer.log_dir or trainer.default_root_dir)
 
 
-def log_picture(module: LightningModule, key: str, picture: torch.Tensor, caption: str = "") -> Path | None:
-    """Write `picture` (3, H, W) uint8 to <run>/images/<key>_epochNNN.png; log it to W&B too."""
+def log_picture(
+    module: LightningModule, key: str, picture: torch.Tensor, caption: str = ""
+) -> Path | None:
+    """Call on every rank. Write `picture` (3, H, W) uint8 to <run>/images/<key>_epochNNN.png; log it to W&B too."""
     trainer = module.trainer
+    folder = run_dir(module)  # every rank: `trainer.log_dir` is a collective (broadcast) under DDP
     if not trainer.is_global_zero:
         return None
-    path = run_dir(module) / "images" / f"{key.replace('/', '_')}_epoch{trainer.current_epoch:03d}.png"
+    path = folder / "images" / f"{key.replace('/', '_')}_epoch{trainer.current_epoch:03d}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     torchvision.io.write_png(picture.cpu(), str(path))
     for logger in trainer.loggers:

@@ -35,17 +35,28 @@ def default_loggers(root: str, name: str, wandb: str, project: str) -> list[Logg
     if wandb != "disabled":
         os.environ.setdefault("WANDB_SILENT", "true")
         _ = csv.experiment  # creates the (empty) run dir before W&B writes into it
-        loggers.append(WandbLogger(project=project, name=name, save_dir=csv.log_dir, offline=wandb == "offline"))
+        loggers.append(
+            WandbLogger(
+                project=project, name=name, save_dir=csv.log_dir, offline=wandb == "offline"
+            )
+        )
     return loggers
 
 
 class CnnlabCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: Any) -> None:
-        parser.add_argument("--name", type=str | None, default=None, help="Run name: runs go to <default_root_dir>/<name>/version_N (default: the config file's stem).")
+        parser.add_argument(
+            "--name",
+            type=str | None,
+            default=None,
+            help="Run name: runs go to <default_root_dir>/<name>/version_N (default: the config file's stem).",
+        )
         parser.add_argument(
             "--wandb",
             type=Literal["offline", "online", "disabled"],
-            default=os.environ.get("WANDB_MODE", "offline") if os.environ.get("WANDB_MODE") in WANDB_MODES else "offline",
+            default=os.environ.get("WANDB_MODE", "offline")
+            if os.environ.get("WANDB_MODE") in WANDB_MODES
+            else "offline",
             help="Weights & Biases mode: offline (default; no account, no network), online (after `wandb login`), disabled.",
         )
         parser.add_argument("--wandb_project", type=str, default="cnnlab", help="W&B project name.")
@@ -64,7 +75,9 @@ class CnnlabCLI(LightningCLI):
         trainer_cfg = self._get(self.config_init, "trainer", default={})
         if trainer_cfg.get("logger") in (None, True):
             root = trainer_cfg.get("default_root_dir") or "runs"
-            kwargs["logger"] = default_loggers(root, self._run_name(cfg), cfg.get("wandb"), cfg.get("wandb_project"))
+            kwargs["logger"] = default_loggers(
+                root, self._run_name(cfg), cfg.get("wandb"), cfg.get("wandb_project")
+            )
         callbacks = [BestAndLastCheckpoint(), MetricsJSON(), PredictionsJSON()]
         if kwargs.get("logger") or trainer_cfg.get("logger"):
             callbacks.append(LearningRateMonitor(logging_interval="step"))

@@ -50,7 +50,11 @@ class DigitsCNN(nn.Module):
         def block(cin: int, cout: int, pool: bool) -> nn.Sequential:
             layers: list[nn.Module] = []
             for c in (cin, cout):
-                layers += [nn.Conv2d(c, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+                layers += [
+                    nn.Conv2d(c, cout, 3, padding=1, bias=False),
+                    nn.BatchNorm2d(cout),
+                    nn.ReLU(inplace=True),
+                ]
             return nn.Sequential(*layers, *([nn.MaxPool2d(2)] if pool else []))
 
         w1, w2, w3 = widths
@@ -61,7 +65,9 @@ class DigitsCNN(nn.Module):
         )
         # Dropout before the classifier, as in AlexNet/VGG's fc layers: it spreads the task over
         # many hidden units, which keeps these features useful for other tasks (DeCAF, Razavian).
-        self.pre_logits = nn.Sequential(nn.Flatten(1), nn.Linear(w3 * 7 * 7, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout))
+        self.pre_logits = nn.Sequential(
+            nn.Flatten(1), nn.Linear(w3 * 7 * 7, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout)
+        )
         self.classifier = nn.Linear(hidden, num_classes)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -75,7 +81,9 @@ class DigitsCNN(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-def build_digits_cnn(*, num_classes: int = 10, in_channels: int = 1, weights: str | None = None) -> DigitsCNN:
+def build_digits_cnn(
+    *, num_classes: int = 10, in_channels: int = 1, weights: str | None = None
+) -> DigitsCNN:
     model = DigitsCNN(num_classes=num_classes, in_channels=in_channels)
     if weights is not None:
         model.load_state_dict(load_weights_file(weights))
@@ -96,7 +104,9 @@ def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # pickle errors, truncated zip, non-tensor payloads
-        raise ValueError(f"could not load weights file {path}: {type(err).__name__}: {err}") from err
+        raise ValueError(
+            f"could not load weights file {path}: {type(err).__name__}: {err}"
+        ) from err
     state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"weights file {path} holds no state dict of tensors")
@@ -111,7 +121,9 @@ def _torchvision_weights(name: str, weights: str) -> torchvision.models.WeightsE
         return enum.DEFAULT
     valid = [w.name for w in enum]
     if key not in valid:
-        raise ValueError(f"unknown weights {weights!r} for {name}; valid: DEFAULT, {', '.join(valid)}, null, or a file path")
+        raise ValueError(
+            f"unknown weights {weights!r} for {name}; valid: DEFAULT, {', '.join(valid)}, null, or a file path"
+        )
     return enum[key]
 
 
@@ -156,12 +168,15 @@ def _split_by_stride(seq: nn.Sequential, in_channels: int) -> list[nn.Module]:
     with torch.no_grad():
         for child in seq:
             h = x.shape[-1]
+            was_training = child.training
             x = child.eval()(x)
+            child.train(was_training)  # probing must not change the caller's model
             if x.shape[-1] < h and _has_params(stages[-1]):
                 stages.append([])
             stages[-1].append(child)
     if len(stages) > 1 and not _has_params(stages[-1]):
-        stages[-2] += stages.pop()
+        last = stages.pop()
+        stages[-1] += last
     return [nn.Sequential(*s) for s in stages]
 
 
@@ -177,7 +192,9 @@ def split_classifier(model: nn.Module) -> tuple[list[nn.Module], nn.Linear]:
         stem = nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool)
         top = nn.Sequential(model.layer4, model.avgpool, nn.Flatten(1))  # (B, 512 or 2048)
         return [stem, model.layer1, model.layer2, model.layer3, top], model.fc
-    if hasattr(model, "features") and hasattr(model, "classifier"):  # VGG, MobileNetV3, EfficientNet
+    if hasattr(model, "features") and hasattr(
+        model, "classifier"
+    ):  # VGG, MobileNetV3, EfficientNet
         *hidden, head = list(model.classifier)
         stages = _split_by_stride(model.features, in_channels=3)
         pool = [model.avgpool, nn.Flatten(1)]
@@ -186,7 +203,9 @@ def split_classifier(model: nn.Module) -> tuple[list[nn.Module], nn.Linear]:
         else:  # EfficientNet: pooling (+ dropout) closes the last conv stage
             stages[-1] = nn.Sequential(*stages[-1], *pool, *hidden)
         if not isinstance(head, nn.Linear):
-            raise TypeError(f"{type(model).__name__}: last classifier layer is {type(head).__name__}, not Linear")
+            raise TypeError(
+                f"{type(model).__name__}: last classifier layer is {type(head).__name__}, not Linear"
+            )
         return stages, head
     raise TypeError(f"don't know how to split {type(model).__name__} into stages")
 

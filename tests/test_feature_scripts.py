@@ -1,0 +1,132 @@
+"""scripts/extract_features.py end to end, and a smoke run of scripts/benchmark.py's measurements."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from scripts import benchmark, extract_features
+
+CHANCE_5 = 0.2
+# Random conv features + a linear classifier reach ~0.8 on digits 5-9 with 10 labels per class
+# (0.81-0.84 measured over four seeds); 0.5 is far above chance and far below that.
+MIN_ACC = 0.5
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
+    out = tmp_path_factory.mktemp("features") / "digits_5-9.npz"
+    argv = ["--backbone", "digits_cnn", "--data", "digits", "--classes", "5", "6", "7", "8", "9"]
+    results = extract_features.main([*argv, "--labels-per-class", "10", "--out", str(out)])
+    return results, out
+
+
+def test_npz_holds_features_and_labels_of_every_split(digits_run: tuple[dict, Path]) -> None:
+    _, out = digits_run
+    data = np.load(out)
+    sizes = {"train": 50, "val": 250, "test": 250}  # 10 labels per class; 50 per class in val/test
+    for split, n in sizes.items():
+        x, y = data[f"{split}_x"], data[f"{split}_y"]
+        assert x.dtype == np.float32 and x.shape == (n, 256)  # digits_cnn's pre-logits features
+        assert y.dtype == np.int64 and y.shape == (n,)
+        assert np.isfinite(x).all()
+        assert sorted(np.unique(y).tolist()) == [0, 1, 2, 3, 4]  # digits 5-9 relabelled 0-4
+    assert np.bincount(data["train_y"]).tolist() == [10] * 5
+    meta = json.loads(str(data["meta"]))
+    assert meta["backbone"] == "digits_cnn" and meta["weights"] is None
+    assert meta["classes"] == ["5", "6", "7", "8", "9"]
+
+
+def test_linear_classifiers_beat_chance(
+    digits_run: tuple[dict, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    results, out = digits_run
+    written = json.loads(out.with_suffix(".json").read_text())
+    for kind in ("svm", "logreg"):
+        for split in ("val", "test"):
+            acc = written[f"{split}/acc_{kind}"]
+            assert isinstance(acc, float) and 0.0 <= acc <= 1.0
+            assert acc == results[f"{split}/acc_{kind}"]
+        assert written[f"test/acc_{kind}"] > max(MIN_ACC, CHANCE_5)
+        assert written[f"c_{kind}"] in (0.01, 0.1, 1.0, 10.0)
+
+
+def test_missing_weights_file_is_a_one_line_error(tmp_path: Path) -> None:
+    missing = tmp_path / "no_such_weights.pt"
+    argv = ["--weights", str(missing), "--classes", "5", "6", "--out", str(tmp_path / "f.npz")]
+    with pytest.raises(SystemExit) as exc:
+        extract_features.main(argv)
+    message = str(exc.value.code)
+    assert message.startswith("error:") and str(missing) in message and "\n" not in message
+    assert not (tmp_path / "f.npz").exists()
+
+
+def test_wrong_channel_count_names_the_fix(tmp_path: Path) -> None:
+    argv = ["--channels", "3", "--classes", "5", "6", "--out", str(tmp_path / "f.npz")]
+    with pytest.raises(SystemExit, match="--channels 1"):
+        extract_features.main(argv)
+
+
+def _write_imagefolder(root: Path) -> None:
+    """root/{train,val}/c{0,1,2}/*.png: constant images, one colour per class."""
+    colours = {"c0": (200, 30, 30), "c1": (30, 200, 30), "c2": (30, 30, 200)}
+    for split, n in (("train", 4), ("val", 2)):
+        for name, rgb in colours.items():
+            (root / split / name).mkdir(parents=True)
+            for i in range(n):
+                pixels = np.full((12, 12, 3), rgb, np.uint8) + np.uint8(i)
+                Image.fromarray(pixels).save(root / split / name / f"{i}.png")
+
+
+def test_imagefolder_with_class_subset_and_label_budget(tmp_path: Path) -> None:
+    _write_imagefolder(tmp_path / "data")
+    out = tmp_path / "f.npz"
+    argv = ["--backbone", "resnet18", "--data", "imagefolder", "--root", str(tmp_path / "data")]
+    argv += ["--image-size", "32", "--classes", "2", "0", "--labels-per-class", "3"]
+    results = extract_features.main([*argv, "--classifier", "logreg", "--out", str(out)])
+    data = np.load(out)
+    assert data["train_x"].shape == (6, 512) and np.bincount(data["train_y"]).tolist() == [3, 3]
+    assert data["val_x"].shape == (4, 512) and data["test_x"].shape == (4, 512)  # test/ = val/
+    assert results["meta"]["classes"] == ["c2", "c0"]
+    assert "test/acc_logreg" in results and "test/acc_svm" not in results
+
+
+@pytest.fixture(scope="module")
+def digits_dm() -> benchmark.DigitsDataModule:
+    return benchmark.make_data()
+
+
+@pytest.fixture(scope="module")
+def overhead(digits_dm: benchmark.DigitsDataModule) -> dict:
+    return benchmark.measure_overhead(repeats=1, limit_batches=2, dm=digits_dm)
+
+
+@pytest.fixture(scope="module")
+def bf16(digits_dm: benchmark.DigitsDataModule) -> dict:
+    return benchmark.measure_bf16(epochs=1, limit_batches=2, dm=digits_dm)
+
+
+def test_benchmark_overhead_smoke(overhead: dict) -> None:
+    for key in ("plain_s", "lightning_s", "lightning_fit_s", "lightning_epoch_s", "plain_cpu_s"):
+        assert overhead[key] > 0
+    assert math.isfinite(overhead["ratio"]) and math.isfinite(overhead["ratio_epoch"])
+    assert overhead["batches"] == 2 and len(overhead["plain_all_s"]) == 1
+
+
+def test_benchmark_bf16_smoke(bf16: dict) -> None:
+    for precision in ("fp32", "bf16"):
+        assert bf16[precision]["epoch_s"] > 0
+        assert 0.0 <= bf16[precision]["test_acc"] <= 1.0
+    assert math.isfinite(bf16["speed_ratio"]) and abs(bf16["acc_diff"]) <= 1.0
+
+
+def test_benchmark_markdown_shows_both_tables(overhead: dict, bf16: dict) -> None:
+    env = {"torch": "2", "lightning": "2", "threads": 1, "cpus": 2, "wall_s": 1.0}
+    env |= {"load_before": 0.0, "load_after": 0.0}
+    text = benchmark.markdown({"trainer_vs_plain": overhead, "bf16_vs_fp32": bf16, "env": env})
+    assert "| plain PyTorch loop |" in text and "| bf16-mixed |" in text
