@@ -148,6 +148,12 @@ class TransferClassifier(LightningModule):
                 "when it wraps the model. Use one device, or finetune with fixed trainable_stages."
             )
         dm = self.trainer.datamodule
+        data_classes = getattr(dm, "num_classes", None)
+        if isinstance(data_classes, int) and data_classes != hp.num_classes:
+            raise ValueError(
+                f"the data has {data_classes} classes but model.num_classes is {hp.num_classes}: "
+                f"set --model.init_args.num_classes {data_classes}"
+            )
         if stage != "fit" or hp.mode != "linear_probe" or not hp.cache_features or dm is None:
             return
         # Runs before Lightning first asks for the train loader, so the cached one is used from
@@ -190,10 +196,12 @@ class TransferClassifier(LightningModule):
         feats = x if x.ndim == 2 else self.net.forward_features(x)
         logits = self.net.forward_head(feats)
         loss = self.criterion(logits, y)
-        self.train_acc(logits, y)
+        self.train_acc.update(logits.detach(), y)  # epoch-level only: no per-step compute or log
         self.log("train/loss", loss, prog_bar=True)
-        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
         return loss
+
+    def on_train_epoch_end(self) -> None:
+        self.log("train/acc", self.train_acc)  # Lightning computes, syncs and resets it
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch

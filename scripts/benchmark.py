@@ -131,11 +131,11 @@ def plain_epoch(module: TransferClassifier, loader: DataLoader, limit_batches: i
             break
         logits = net.forward_head(net.forward_features(x))  # (B, 10)
         loss = criterion(logits, y)
-        acc(logits, y)  # the module's per-step metric update (forward: batch value + state)
+        acc.update(logits.detach(), y)  # the module's per-step metric update
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    acc.compute()  # Lightning computes the epoch-level train/acc
+    acc.compute()  # the module logs the epoch-level train/acc
     acc.reset()
 
 

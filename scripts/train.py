@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,6 +27,8 @@ from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger  # noqa: E4
 from lit_modules.callbacks import BestAndLastCheckpoint, MetricsJSON, PredictionsJSON  # noqa: E402
 
 WANDB_MODES = ("offline", "online", "disabled")
+# Frozen backbone stages are kept in eval mode on purpose (FrozenBN); Lightning warns about it.
+warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
 
 
 def default_loggers(root: str, name: str, wandb: str, project: str) -> list[Logger]:

@@ -194,3 +194,45 @@ def test_ddp_two_processes_fit_and_validate_count_each_sample_once(tmp_path: Pat
     assert two == pytest.approx(one, abs=1e-7)
     # the accuracy of 203 images is a multiple of 1/203: a padded 204-image count would not be
     assert round(one * 203) == pytest.approx(one * 203, abs=1e-4)
+
+
+CLUSTER = sorted(
+    str(p.relative_to(ROOT))
+    for p in ROOT.glob("configs/*/*.yaml")
+    if not p.name.startswith("digits_")
+)
+
+
+@pytest.mark.parametrize("config", CLUSTER)
+def test_cluster_configs_resolve(config: str) -> None:
+    """The GPU-cluster configs are valid against the current schemas (nothing is instantiated)."""
+    resolved = yaml.safe_load(train("fit", f"--config={config}", "--print_config").stdout)
+    assert resolved["model"]["class_path"].startswith("lit_modules.")
+    assert resolved["data"]["class_path"].startswith("datamodules.")
+
+
+def test_cifar10_config_runs_on_a_cifar_fixture(tmp_path: Path) -> None:
+    """The cluster CIFAR-10 recipe, shrunk to CPU, on files in CIFAR's real on-disk format."""
+    from tests.test_classification_data import write_cifar10
+
+    data = tmp_path / "cifar10"
+    write_cifar10(data)
+    train(
+        "fit",
+        "--config=configs/transfer/cifar10_resnet50_finetune.yaml",
+        f"--data.root={data}",
+        "--data.download=false",
+        "--data.image_size=32",
+        "--data.batch_size=4",
+        "--data.num_workers=0",
+        "--model.backbone=resnet18",
+        "--model.weights=null",
+        "--trainer.accelerator=cpu",
+        "--trainer.devices=1",
+        "--trainer.strategy=auto",
+        "--trainer.sync_batchnorm=false",
+        "--trainer.precision=32-true",
+        "--trainer.fast_dev_run=true",
+        f"--trainer.default_root_dir={tmp_path / 'runs'}",
+        *QUIET,
+    )
