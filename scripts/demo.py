@@ -32,6 +32,13 @@ from scripts.train import main as cli_main  # noqa: E402
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
+def quiet_lightning() -> None:
+    """One line per run is enough when a script runs dozens: no Lightning banners or warnings."""
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore")
+
+
 def run_config(
     config: str, name: str, root: Path, overrides: list[str], test: bool = True
 ) -> dict[str, float]:
@@ -293,9 +300,7 @@ def main(argv: list[str] | None = None) -> None:
         "--out", type=Path, default=Path("runs/demo"), help="output folder (default: runs/demo)"
     )
     args = parser.parse_args(argv)
-    for name in ("lightning.pytorch", "lightning.fabric"):  # one line per run is enough here
-        logging.getLogger(name).setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore")
+    quiet_lightning()
     args.out.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {}
     lines = [

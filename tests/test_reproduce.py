@@ -1,0 +1,28 @@
+"""scripts/reproduce.py: a table's rows run through the CLI and land beside the paper's numbers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from scripts import reproduce
+
+
+def test_quick_transfer_table(tmp_path: Path) -> None:
+    md = reproduce.reproduce("transfer", quick=True, out=tmp_path)
+    result = json.loads((tmp_path / "transfer.json").read_text())
+    rows = {r["name"]: r for r in result["rows"]}
+    ran = [r for r in rows.values() if r["quick"]]
+    assert len(ran) == 2 and all(0.2 < r["metrics"]["test/acc"] <= 1.0 for r in ran)  # 5 classes
+    assert rows["Pets fine-tuned"]["skipped"] and rows["Pets fine-tuned"]["metrics"] == {}
+    assert rows["CIFAR-10 linear probe"]["paper"] == {"test/acc": 93.6}
+    text = md.read_text()
+    ours = rows["CIFAR-10 linear probe"]["metrics"]["test/acc"] * 100
+    assert f"93.6 / {ours:.1f}" in text and "not run" in text
+
+
+def test_unknown_table_lists_the_known_ones() -> None:
+    with pytest.raises(SystemExit, match="known tables: .*transfer"):
+        reproduce.load_table("nope")
