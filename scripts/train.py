@@ -11,14 +11,17 @@ W&B run in wandb/ (`--wandb online` after `wandb login` streams it; `wandb sync`
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
+import traceback
 import warnings
 from pathlib import Path
 from typing import Any, Literal
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone, no install
 
+from jsonargparse import DefaultHelpFormatter  # noqa: E402
 from lightning.pytorch import Trainer  # noqa: E402
 from lightning.pytorch.callbacks import LearningRateMonitor, RichProgressBar  # noqa: E402
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
@@ -26,6 +29,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger  # noqa: E4
 
 from lit_modules.callbacks import BestAndLastCheckpoint, MetricsJSON, PredictionsJSON  # noqa: E402
 
+REPO = Path(__file__).resolve().parents[1]
 WANDB_MODES = ("offline", "online", "disabled")
 # Frozen backbone stages are kept in eval mode on purpose (FrozenBN); Lightning warns about it.
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
@@ -90,15 +94,46 @@ class CnnlabCLI(LightningCLI):
         return super().instantiate_trainer(**kwargs)
 
 
+class HelpFormatter(DefaultHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """jsonargparse's help, with the description (usage examples) kept as written."""
+
+
+def user_error(err: BaseException) -> BaseException | None:
+    """The error cnnlab's own code raised for bad input (a file, a value) behind `err`, if any.
+
+    jsonargparse and Lightning wrap it in their own exceptions and tracebacks; the user needs
+    its one line, which names the file or the setting and the problem.
+    """
+    seen: BaseException | None = err
+    while seen is not None:
+        frames = traceback.extract_tb(seen.__traceback__)
+        origin = Path(frames[-1].filename).resolve() if frames else None
+        if (
+            isinstance(seen, ValueError | OSError | TypeError)
+            and origin is not None
+            and origin.is_relative_to(REPO)
+            and not origin.is_relative_to(REPO / ".venv")
+        ):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 def main(args: list[str] | None = None) -> CnnlabCLI:
-    return CnnlabCLI(
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        trainer_defaults={"default_root_dir": "runs"},
-        save_config_kwargs={"overwrite": True},
-        parser_kwargs={"description": __doc__},
-        args=args,
-    )
+    try:
+        return CnnlabCLI(
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            trainer_defaults={"default_root_dir": "runs"},
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={"description": __doc__, "formatter_class": HelpFormatter},
+            args=args,
+        )
+    except Exception as err:
+        cause = user_error(err)
+        if cause is None or os.environ.get("CNNLAB_DEBUG"):  # a bug, not bad input: full traceback
+            raise
+        sys.exit(f"error: {cause}  (CNNLAB_DEBUG=1 shows the traceback)")
 
 
 if __name__ == "__main__":

@@ -236,3 +236,38 @@ def test_cifar10_config_runs_on_a_cifar_fixture(tmp_path: Path) -> None:
         f"--trainer.default_root_dir={tmp_path / 'runs'}",
         *QUIET,
     )
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        (
+            "--model.weights=/nonexistent/source.pt",
+            "weights file not found: /nonexistent/source.pt",
+        ),
+        ("--model.backbone=resnet99", "valid: digits_cnn, resnet18"),
+        ("--model.num_classes=7", "the data has 5 classes but model.num_classes is 7"),
+    ],
+)
+def test_bad_input_is_one_clear_line(override: str, expected: str, tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("CNNLAB_DEBUG", None)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(TRAIN),
+            "fit",
+            "--config=configs/transfer/digits_scratch.yaml",
+            override,
+            f"--trainer.default_root_dir={tmp_path}",
+            "--trainer.fast_dev_run=true",
+            *QUIET,
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1
+    assert expected in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
