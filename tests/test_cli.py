@@ -239,17 +239,24 @@ def test_cifar10_config_runs_on_a_cifar_fixture(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("override", "expected"),
+    ("config", "override", "expected"),
     [
         (
-            "--model.weights=/nonexistent/source.pt",
-            "weights file not found: /nonexistent/source.pt",
+            "digits_finetune",
+            "--model.weights=/nonexistent/w.pt",
+            "weights file not found: /nonexistent/w.pt",
         ),
-        ("--model.backbone=resnet99", "valid: digits_cnn, resnet18"),
-        ("--model.num_classes=7", "the data has 5 classes but model.num_classes is 7"),
+        ("digits_scratch", "--model.backbone=resnet99", "valid: digits_cnn, resnet18"),
+        (
+            "digits_scratch",
+            "--model.num_classes=7",
+            "the data has 5 classes but model.num_classes is 7",
+        ),
     ],
 )
-def test_bad_input_is_one_clear_line(override: str, expected: str, tmp_path: Path) -> None:
+def test_bad_input_is_one_clear_line(
+    config: str, override: str, expected: str, tmp_path: Path
+) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("CNNLAB_DEBUG", None)
     proc = subprocess.run(
@@ -257,7 +264,7 @@ def test_bad_input_is_one_clear_line(override: str, expected: str, tmp_path: Pat
             sys.executable,
             str(TRAIN),
             "fit",
-            "--config=configs/transfer/digits_scratch.yaml",
+            f"--config=configs/transfer/{config}.yaml",
             override,
             f"--trainer.default_root_dir={tmp_path}",
             "--trainer.fast_dev_run=true",
