@@ -67,8 +67,9 @@ def test_fast_dev_run_every_embedded_config(
 ) -> None:
     cfg = yaml.safe_load((ROOT / config).read_text())
     extra = []
-    if cfg["model"]["init_args"].get("weights"):
-        extra.append(f"--model.weights={source_weights}")
+    for key in ("weights", "weights_backbone"):  # configs that start from the digits network
+        if cfg["model"]["init_args"].get(key):
+            extra.append(f"--model.{key}={source_weights}")
     train(
         "fit",
         f"--config={config}",

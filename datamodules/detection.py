@@ -1,0 +1,375 @@
+"""Object detection data: digit scenes made on the fly, COCO json, PASCAL VOC xml.
+
+A batch keeps torchvision's detection contract: `(list[Tensor (3, H, W) float in [0, 1]],
+list[dict(boxes=(N, 4) xyxy float32, labels=(N,) int64, iscrowd=(N,) bool, image_id=int)])`.
+Images with no objects stay in (boxes of shape (0, 4)): they teach the detector what background
+looks like. Normalisation and resizing are the model's (`GeneralizedRCNNTransform`).
+
+Augmentation is `torchvision.transforms.v2` on `tv_tensors`, so boxes move with the pixels:
+horizontal flip (off for digits: a mirrored digit is not a digit), photometric distortion, and
+scale jitter (large-scale jitter: resize by a random factor, then crop / pad to a fixed square,
+as torchvision's v2 recipe does; a plain resize would be undone by the model's own resize).
+Boxes that augmentation pushes out of the image are removed by `SanitizeBoundingBoxes`; boxes
+that are degenerate on disk are clipped / dropped by the readers with a counted warning
+(`datamodules.formats.coco`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import BatchSampler, ConcatDataset, DataLoader, Dataset, Sampler
+from torchvision import tv_tensors
+from torchvision.io import ImageReadMode, decode_image
+from torchvision.transforms import v2
+
+from datamodules.common import make_loader
+from datamodules.digits import DigitCanvas
+from datamodules.formats.coco import ImageRecord, read_coco
+from datamodules.formats.voc import VOC_CLASSES, read_voc
+
+# The digit scenes of the `digits` source and of scripts/make_digit_canvases.py: small canvases,
+# few digits, so a CPU trains a detector in minutes. Labels 1..10 = digit + 1.
+DIGIT_SCENES: dict[str, Any] = {
+    "size": 96,
+    "num_digits": (1, 3),
+    "digit_size": (20, 40),
+    "background": "black",
+    "clutter": 0,
+    "seed": 0,
+}
+Target = dict[str, Any]
+
+
+def collate(batch: list[tuple[torch.Tensor, Target]]) -> tuple[list[torch.Tensor], list[Target]]:
+    """Lists, not stacks: detection images differ in size and in number of objects."""
+    images, targets = zip(*batch, strict=True)
+    return list(images), list(targets)
+
+
+def _sanitize_labels(inputs: tuple[Any, Target]) -> tuple[torch.Tensor, torch.Tensor]:
+    target = inputs[1]
+    return target["labels"], target["iscrowd"]  # filtered together with the boxes
+
+
+def _plain(image: torch.Tensor, target: Target) -> tuple[torch.Tensor, Target]:
+    """tv_tensors back to plain tensors: what the model and the metrics expect."""
+    out = {**target, "boxes": target["boxes"].as_subclass(torch.Tensor)}
+    return image.as_subclass(torch.Tensor), out
+
+
+class _Detection(Dataset):
+    """Shared __getitem__: (image, target) as tv_tensors -> transform -> plain tensors."""
+
+    transform: v2.Transform
+
+    def _sample(
+        self, index: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        raise NotImplementedError
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, Target]:
+        image, boxes, labels, iscrowd, image_id = self._sample(index)
+        h, w = image.shape[-2:]
+        target = {
+            "boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(h, w)),
+            "labels": labels,
+            "iscrowd": iscrowd,
+            "image_id": image_id,
+        }
+        return _plain(*self.transform(tv_tensors.Image(image), target))
+
+
+class RecordDataset(_Detection):
+    """Images and boxes from reader records (COCO json / VOC xml); pixels read per item."""
+
+    def __init__(self, records: list[ImageRecord], transform: v2.Transform) -> None:
+        self.records, self.transform = records, transform
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def aspect_ratios(self) -> list[float]:
+        return [r.width / r.height for r in self.records]
+
+    def _sample(
+        self, index: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        r = self.records[index]
+        try:
+            image = decode_image(str(r.file), mode=ImageReadMode.RGB)  # (3, H, W) uint8
+        except (RuntimeError, OSError) as err:
+            raise ValueError(f"image id {r.image_id}: cannot read {r.file}: {err}") from err
+        if tuple(image.shape[-2:]) != (r.height, r.width):
+            raise ValueError(
+                f"image id {r.image_id}: {r.file} is {image.shape[-1]}x{image.shape[-2]} but its "
+                f"annotation says {r.width}x{r.height}: the boxes would not match the pixels"
+            )
+        return (
+            image,
+            torch.from_numpy(r.boxes).float(),
+            torch.from_numpy(r.labels).long(),
+            torch.from_numpy(r.iscrowd).bool(),
+            r.image_id,
+        )
+
+
+class DigitScenes(_Detection):
+    """DigitCanvas scenes (3 channels, for torchvision detection backbones); image id = index + 1."""
+
+    def __init__(self, canvas: DigitCanvas, transform: v2.Transform) -> None:
+        self.canvas, self.transform = canvas, transform
+
+    def __len__(self) -> int:
+        return len(self.canvas)
+
+    def aspect_ratios(self) -> list[float]:
+        return [1.0] * len(self.canvas)
+
+    def _sample(
+        self, index: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        s = self.canvas[index]
+        n = len(s["labels"])
+        return s["image"], s["boxes"], s["labels"], torch.zeros(n, dtype=torch.bool), index + 1
+
+
+class GroupedBatchSampler(BatchSampler):
+    """Batches whose images share an aspect-ratio group (wide / tall): less padding per batch.
+
+    Takes Lightning's (distributed) sampler like a BatchSampler; leftovers of each group form a
+    last, smaller batch (none is repeated or dropped unless `drop_last`).
+    """
+
+    def __init__(
+        self, sampler: Sampler[int], batch_size: int, drop_last: bool, group_ids: list[int]
+    ) -> None:
+        super().__init__(sampler, batch_size, drop_last)
+        self.group_ids = group_ids
+
+    def __iter__(self) -> Iterator[list[int]]:
+        buckets: dict[int, list[int]] = {}
+        for i in self.sampler:
+            bucket = buckets.setdefault(self.group_ids[i], [])
+            bucket.append(i)
+            if len(bucket) == self.batch_size:
+                yield bucket[:]
+                bucket.clear()
+        if not self.drop_last:
+            yield from (b for b in buckets.values() if b)
+
+    def __len__(self) -> int:
+        counts: dict[int, int] = {}
+        for i in self.sampler:
+            counts[self.group_ids[i]] = counts.get(self.group_ids[i], 0) + 1
+        rnd = math.floor if self.drop_last else math.ceil
+        return sum(rnd(c / self.batch_size) for c in counts.values())
+
+
+def _as_list(split: str | Sequence[str] | None) -> list[str]:
+    return [] if split is None else [split] if isinstance(split, str) else list(split)
+
+
+class DetectionDataModule(LightningDataModule):
+    """Detection data from `source`: `digits` (made on the fly), `coco` or `voc`.
+
+    - digits: `canvas_size`, `num_digits`, `digit_size`, `background`, `clutter` as DigitCanvas;
+      `train_length` scenes per epoch, `eval_length` fixed val / test scenes; 10 classes (+ bg).
+    - coco: `root/<split>/` images and `root/annotations/instances_<split>.json` (COCO 2017's
+      layout); labels are the category ids (COCO: 1..90, num_classes 91).
+    - voc: `root/VOC<year>` (or `root/VOCdevkit/VOC<year>`), splits as `"<year>/<image set>"`,
+      e.g. train_split ["2007/trainval", "2012/trainval"], test_split "2007/test"; `classes`
+      (default VOC's 20) give labels 1..K. `difficult` objects are iscrowd: ignored by the mAP.
+    A list of splits is concatenated. `test_split` null: test on `val_split`.
+    """
+
+    def __init__(
+        self,
+        source: Literal["digits", "coco", "voc"] = "digits",
+        root: str | None = None,
+        train_split: str | list[str] | None = None,
+        val_split: str | list[str] | None = None,
+        test_split: str | list[str] | None = None,
+        classes: list[str] | None = None,
+        canvas_size: int = DIGIT_SCENES["size"],
+        num_digits: tuple[int, int] = DIGIT_SCENES["num_digits"],
+        digit_size: tuple[int, int] = DIGIT_SCENES["digit_size"],
+        background: Literal["black", "noise", "gradient"] = "black",
+        clutter: int = 0,
+        train_length: int = 16000,
+        eval_length: int = 500,
+        hflip_prob: float = 0.0,
+        photometric: bool = False,
+        scale_jitter: tuple[float, float] | None = None,
+        crop_size: int | None = None,
+        group_aspect_ratio: bool = False,
+        batch_size: int = 8,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if source not in ("digits", "coco", "voc"):
+            raise ValueError(f"unknown source {source!r}; valid: digits, coco, voc")
+        if source != "digits" and (
+            root is None or not _as_list(train_split) or not _as_list(val_split)
+        ):
+            raise ValueError(f"source {source!r} needs root, train_split and val_split")
+        if scale_jitter is not None and (crop_size is None and source != "digits"):
+            raise ValueError("scale_jitter needs crop_size (the fixed square it crops / pads to)")
+        if scale_jitter is not None and not 0 < scale_jitter[0] <= scale_jitter[1]:
+            raise ValueError(
+                f"scale_jitter must be (min, max) with 0 < min <= max, got {scale_jitter}"
+            )
+        if not 0.0 <= hflip_prob <= 1.0:
+            raise ValueError(f"hflip_prob must be in [0, 1], got {hflip_prob}")
+        self.save_hyperparameters()
+        self.classes = list(classes) if classes is not None else None
+        if source == "digits":
+            self.category_names = {d + 1: str(d) for d in range(10)}
+        elif source == "voc":
+            names = self.classes or list(VOC_CLASSES)
+            self.category_names = {i + 1: n for i, n in enumerate(names)}
+        else:
+            self.category_names = {}  # read from the json in setup
+        self.num_classes: int | None = max(self.category_names) + 1 if self.category_names else None
+        self._sets: dict[str, Dataset] = {}
+
+    # ------------------------------------------------------------------ transforms
+
+    def _transform(self, train: bool) -> v2.Compose:
+        hp = self.hparams
+        steps: list[v2.Transform] = [v2.ToDtype(torch.float32, scale=True)]
+        if train:
+            if hp.photometric:
+                steps.append(v2.RandomPhotometricDistort(p=0.5))
+            if hp.hflip_prob > 0:
+                steps.append(v2.RandomHorizontalFlip(hp.hflip_prob))
+            if hp.scale_jitter is not None:
+                side = hp.crop_size or hp.canvas_size
+                steps += [
+                    v2.ScaleJitter(
+                        (side, side), scale_range=tuple(hp.scale_jitter), antialias=True
+                    ),
+                    v2.RandomCrop(side, pad_if_needed=True, fill=0),
+                ]
+            # boxes cropped away (or to < 1 px) go, with their labels and iscrowd flags
+            steps.append(v2.SanitizeBoundingBoxes(min_size=1.0, labels_getter=_sanitize_labels))
+        return v2.Compose(steps)
+
+    # ------------------------------------------------------------------ data sets
+
+    def _digits(self, split: str, length: int, train: bool) -> DigitScenes:
+        hp = self.hparams
+        canvas = DigitCanvas(
+            split,  # type: ignore[arg-type]
+            length=length,
+            size=hp.canvas_size,
+            num_digits=tuple(hp.num_digits),
+            digit_size=tuple(hp.digit_size),
+            clutter=hp.clutter,
+            background=hp.background,
+            channels=3,
+            seed=hp.seed,
+        )
+        return DigitScenes(canvas, self._transform(train))
+
+    def _records(self, split: str) -> list[ImageRecord]:
+        hp = self.hparams
+        root = hp.root
+        if hp.source == "coco":
+            ann = Path(root) / "annotations" / f"instances_{split}.json"
+            records, cats = read_coco(ann, Path(root) / split)
+            if self.category_names and cats != self.category_names:
+                raise ValueError(
+                    f"{ann}: categories differ from the other splits' {self.category_names}"
+                )
+            self.category_names = cats
+            self.num_classes = max(cats) + 1
+            return records
+        year, _, image_set = split.partition("/")
+        if not image_set:
+            raise ValueError(
+                f"VOC split must be '<year>/<image set>', e.g. 2007/trainval; got {split!r}"
+            )
+        return read_voc(root, year, image_set, classes=self.classes or VOC_CLASSES)
+
+    def _build(self, name: str) -> Dataset:
+        hp = self.hparams
+        train = name == "train"
+        if hp.source == "digits":
+            length = hp.train_length if train else hp.eval_length
+            return self._digits(
+                {"train": "train", "val": "val", "test": "test"}[name], length, train
+            )
+        split = {
+            "train": hp.train_split,
+            "val": hp.val_split,
+            "test": hp.test_split or hp.val_split,
+        }[name]
+        parts = [RecordDataset(self._records(s), self._transform(train)) for s in _as_list(split)]
+        return parts[0] if len(parts) == 1 else ConcatDataset(parts)
+
+    def setup(self, stage: str | None = None) -> None:
+        wanted = {
+            "fit": ("train", "val"),
+            "validate": ("val",),
+            "test": ("test",),
+            "predict": ("test",),
+        }
+        for name in wanted.get(stage or "", ("train", "val", "test")):
+            if name not in self._sets:
+                self._sets[name] = self._build(name)
+
+    # ------------------------------------------------------------------ loaders
+
+    def _aspect_groups(self, ds: Dataset) -> list[int]:
+        parts = ds.datasets if isinstance(ds, ConcatDataset) else [ds]
+        return [int(r >= 1.0) for p in parts for r in p.aspect_ratios()]
+
+    def train_dataloader(self) -> DataLoader:
+        hp = self.hparams
+        ds = self._sets["train"]
+        if not hp.group_aspect_ratio:
+            return make_loader(
+                ds,
+                batch_size=hp.batch_size,
+                num_workers=hp.num_workers,
+                train=True,
+                collate_fn=collate,
+            )
+        # Lightning swaps in a DistributedSampler under DDP and keeps the grouping around it.
+        sampler = GroupedBatchSampler(
+            torch.utils.data.RandomSampler(ds), hp.batch_size, False, self._aspect_groups(ds)
+        )
+        return DataLoader(
+            ds,
+            batch_sampler=sampler,
+            num_workers=hp.num_workers,
+            persistent_workers=hp.num_workers > 0,
+            collate_fn=collate,
+        )
+
+    def _eval_loader(self, name: str) -> DataLoader:
+        hp = self.hparams
+        return make_loader(
+            self._sets[name],
+            batch_size=hp.eval_batch_size or hp.batch_size,
+            num_workers=hp.num_workers,
+            train=False,
+            collate_fn=collate,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._eval_loader("test")

@@ -1,0 +1,185 @@
+"""COCO instances json: read with pycocotools into per-image records, and write.
+
+Every detection reader in cnnlab returns `ImageRecord`s: one image file, its size, and its
+boxes as 0-based xyxy float32 pixels (x2, y2 exclusive, COCO's `[x, y, w, h]` -> `[x, y, x+w, y+h]`),
+labels (the data set's own category ids; 0 is background), and `iscrowd` (COCO crowd regions,
+VOC `difficult` objects): ignored by the mAP, not trained on.
+
+Bad input is an error naming the file and the record (malformed json, an annotation for an image
+id that is not in `images`, a missing image file, a category id missing from `categories`).
+Degenerate boxes are the documented exception: a box partly outside the image is clipped to it;
+one with width or height <= 0 after clipping (or entirely outside) is dropped. Both are counted
+and reported in one warning per file, never silently: a dropped box cannot be detected, so it
+must not count as a miss, and a clipped one is what any detector can at best predict.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+@dataclass
+class ImageRecord:
+    """One image and its objects, as every detection reader returns them."""
+
+    image_id: int
+    file: Path
+    width: int
+    height: int
+    boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))  # (N, 4) xyxy
+    labels: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # (N,)
+    iscrowd: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  # (N,)
+
+
+@dataclass
+class BoxCheck:
+    """Counts of what `clean_box` did to one file's boxes (for the warning)."""
+
+    clipped: int = 0
+    dropped: list[str] = field(default_factory=list)
+
+    def warn(self, source: Path) -> None:
+        if self.clipped or self.dropped:
+            shown = ", ".join(self.dropped[:5]) + (" ..." if len(self.dropped) > 5 else "")
+            warnings.warn(
+                f"{source}: clipped {self.clipped} box(es) to their image and dropped "
+                f"{len(self.dropped)} degenerate box(es) (width or height <= 0 inside the image)"
+                + (f": {shown}" if self.dropped else ""),
+                stacklevel=3,
+            )
+
+
+def clean_box(
+    xyxy: list[float], width: int, height: int, record: str, check: BoxCheck
+) -> list[float] | None:
+    """`xyxy` clipped to the image, or None (counted in `check`) if nothing of it is left."""
+    x1, y1, x2, y2 = xyxy
+    c = [min(max(x1, 0.0), width), min(max(y1, 0.0), height)]
+    c += [min(max(x2, 0.0), width), min(max(y2, 0.0), height)]
+    if c[2] - c[0] <= 0 or c[3] - c[1] <= 0:
+        check.dropped.append(record)
+        return None
+    if c != [x1, y1, x2, y2]:
+        check.clipped += 1
+    return c
+
+
+def _load_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"COCO annotation file not found: {path}")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: malformed json: {err}") from err
+    if not isinstance(data, dict) or not all(
+        k in data for k in ("images", "annotations", "categories")
+    ):
+        raise ValueError(
+            f"{path}: not a COCO instances file (needs images, annotations, categories)"
+        )
+    return data
+
+
+def read_coco(
+    ann_file: str | Path, images_dir: str | Path, *, check_files: bool = True
+) -> tuple[list[ImageRecord], dict[int, str]]:
+    """Records of every image in `ann_file` (images without objects included) and {id: name}.
+
+    Loaded through pycocotools' `COCO` (the index the evaluation uses too). `check_files`: every
+    image file must exist under `images_dir` (one stat per image).
+    """
+    from pycocotools.coco import COCO  # imported here: only the COCO reader needs it
+
+    ann_file, images_dir = Path(ann_file), Path(images_dir)
+    data = _load_json(ann_file)
+    categories = {int(c["id"]): str(c["name"]) for c in data["categories"]}
+    image_ids = {int(im["id"]) for im in data["images"]}
+    for ann in data["annotations"]:  # pycocotools would KeyError without naming the record
+        where = f"{ann_file}: annotation id {ann.get('id')}"
+        if int(ann.get("image_id", -1)) not in image_ids:
+            raise ValueError(f"{where} points to image id {ann.get('image_id')}, not in images")
+        if int(ann.get("category_id", -1)) not in categories:
+            raise ValueError(
+                f"{where} has category id {ann.get('category_id')}, not in categories "
+                f"{sorted(categories)}"
+            )
+        bbox = ann.get("bbox")
+        if not isinstance(bbox, list) or len(bbox) != 4:
+            raise ValueError(f"{where}: bbox must be [x, y, w, h], got {bbox!r}")
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
+        coco = COCO()
+        coco.dataset = data
+        coco.createIndex()
+    check = BoxCheck()
+    records = []
+    for image_id in sorted(coco.imgs):
+        info = coco.imgs[image_id]
+        file = images_dir / info["file_name"]
+        if check_files and not file.is_file():
+            raise FileNotFoundError(
+                f"{ann_file}: image id {image_id} refers to missing file {file}"
+            )
+        w, h = int(info["width"]), int(info["height"])
+        boxes, labels, crowd = [], [], []
+        for ann in coco.imgToAnns.get(image_id, []):
+            x, y, bw, bh = (float(v) for v in ann["bbox"])
+            box = clean_box([x, y, x + bw, y + bh], w, h, f"annotation id {ann['id']}", check)
+            if box is None:
+                continue
+            boxes.append(box)
+            labels.append(int(ann["category_id"]))
+            crowd.append(bool(ann.get("iscrowd", 0)))
+        records.append(
+            ImageRecord(
+                image_id=int(image_id),
+                file=file,
+                width=w,
+                height=h,
+                boxes=np.asarray(boxes, np.float32).reshape(-1, 4),
+                labels=np.asarray(labels, np.int64),
+                iscrowd=np.asarray(crowd, bool),
+            )
+        )
+    check.warn(ann_file)
+    return records, categories
+
+
+def coco_dict(records: list[ImageRecord], categories: dict[int, str]) -> dict[str, Any]:
+    """The COCO instances dict of `records` (file names relative to the images dir)."""
+    images, annotations = [], []
+    for r in records:
+        images.append(
+            {"id": r.image_id, "file_name": r.file.name, "width": r.width, "height": r.height}
+        )
+        for box, label, crowd in zip(
+            r.boxes.tolist(), r.labels.tolist(), r.iscrowd.tolist(), strict=True
+        ):
+            x1, y1, x2, y2 = box
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": r.image_id,
+                    "category_id": int(label),
+                    "bbox": [x1, y1, x2 - x1, y2 - y1],  # xywh
+                    "area": (x2 - x1) * (y2 - y1),  # box area: what the mAP's size ranges use
+                    "iscrowd": int(crowd),
+                }
+            )
+    cats = [{"id": i, "name": n, "supercategory": "object"} for i, n in sorted(categories.items())]
+    return {"images": images, "annotations": annotations, "categories": cats}
+
+
+def write_coco(path: str | Path, records: list[ImageRecord], categories: dict[int, str]) -> Path:
+    """Write `records` as a COCO instances json at `path` (the images are the caller's)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(coco_dict(records, categories)))
+    return path

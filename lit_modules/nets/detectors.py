@@ -1,0 +1,337 @@
+"""Faster R-CNN detectors from torchvision's parts: published builders, a slim CPU net, transfer.
+
+Every builder returns torchvision's `FasterRCNN`, so the training / inference contract is the
+library's: `net(images, targets) -> {loss_*}` in train mode, `net(images) -> [{boxes, labels,
+scores}]` in eval mode, images a list of (3, H, W) floats in [0, 1] (normalisation and resizing
+happen inside, in `GeneralizedRCNNTransform`). Nothing here imports Lightning.
+
+Architectures (`arch`):
+- `resnet50_fpn`, `resnet50_fpn_v2`, `mobilenet_v3_large_fpn`: torchvision's published models;
+  `weights` (COCO) and `weights_backbone` (ImageNet) by enum name or file.
+- `resnet18_fpn`: a slim ResNet-18 + FPN (narrow FPN and box head) that trains on a CPU.
+- `transfer`: the conv stages of a cnnlab classifier checkpoint (`net.stages.*` keys, e.g. the
+  digits network of `configs/transfer/digits_pretrain_source.yaml`) + FPN: the classifier's
+  features initialise the detector.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchvision
+from torch import nn
+from torchvision.models.detection import FasterRCNN
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from lit_modules.nets.backbones import (
+    BACKBONES,
+    _is_file_path,
+    build_backbone,
+    build_torchvision,
+    load_weights_file,
+)
+
+TORCHVISION_DETECTORS: dict[str, Callable[..., FasterRCNN]] = {
+    "resnet50_fpn": torchvision.models.detection.fasterrcnn_resnet50_fpn,
+    "resnet50_fpn_v2": torchvision.models.detection.fasterrcnn_resnet50_fpn_v2,
+    "mobilenet_v3_large_fpn": torchvision.models.detection.fasterrcnn_mobilenet_v3_large_fpn,
+}
+ARCHS = (*TORCHVISION_DETECTORS, "resnet18_fpn", "transfer")
+MNIST_MEAN, MNIST_STD = [0.1307] * 3, [0.3081] * 3  # what digits_cnn was trained with, per RGB
+
+
+def _weights_enum(builder: Callable[..., nn.Module] | str, weights: str) -> Any:
+    """A torchvision weights enum member from `DEFAULT`, `COCO_V1` or `FasterRCNN_..._Weights.COCO_V1`."""
+    enum = torchvision.models.get_model_weights(builder)
+    key = weights.split(".")[-1]
+    if key == "DEFAULT":
+        return enum.DEFAULT
+    valid = [w.name for w in enum]
+    if key not in valid:
+        raise ValueError(
+            f"unknown weights {weights!r}; valid: DEFAULT, {', '.join(valid)}, null, or a file path"
+        )
+    return enum[key]
+
+
+def _anchor_generator(
+    sizes: list[list[int]] | None, ratios: list[float] | None, levels: int
+) -> AnchorGenerator | None:
+    """One tuple of sizes per feature level, the same aspect ratios (h / w) on every level."""
+    if sizes is None and ratios is None:
+        return None
+    sizes = sizes or [[32 * 2**i] for i in range(levels)]
+    if len(sizes) != levels:
+        raise ValueError(
+            f"anchor_sizes needs one list per feature level ({levels}), got {len(sizes)}"
+        )
+    if len({len(s) for s in sizes}) != 1:
+        raise ValueError(f"every level needs the same number of anchor sizes, got {sizes}")
+    ratios = ratios or [0.5, 1.0, 2.0]
+    return AnchorGenerator(tuple(tuple(s) for s in sizes), (tuple(ratios),) * levels)
+
+
+def _replace_predictor(net: FasterRCNN, num_classes: int) -> None:
+    """A new (num_classes)-way box predictor on a pretrained detector: the usual fine-tuning cut."""
+    old = net.roi_heads.box_predictor
+    if old.cls_score.out_features != num_classes:
+        net.roi_heads.box_predictor = FastRCNNPredictor(old.cls_score.in_features, num_classes)
+
+
+def _torchvision_detector(
+    arch: str,
+    *,
+    num_classes: int,
+    weights: str | None,
+    weights_backbone: str | None,
+    trainable_backbone_layers: int | None,
+    **kwargs: Any,
+) -> FasterRCNN:
+    builder = TORCHVISION_DETECTORS[arch]
+    file = weights if weights is not None and _is_file_path(weights) else None
+    wb = weights_backbone
+    if wb is not None and not _is_file_path(wb):
+        body_name = builder.__name__.removeprefix("fasterrcnn_").split("_fpn")[0]  # resnet50, ...
+        wb = _weights_enum(body_name, wb)
+    pretrained = weights is not None and file is None
+    net = builder(
+        weights=_weights_enum(builder, weights) if pretrained else None,
+        weights_backbone=None if (wb is None or isinstance(wb, str)) else wb,
+        num_classes=None if pretrained else num_classes,
+        trainable_backbone_layers=trainable_backbone_layers,
+        **kwargs,
+    )
+    if isinstance(wb, str):  # an ImageNet state dict on disk for the body
+        body = net.backbone.body
+        missing, unexpected = body.load_state_dict(load_weights_file(wb), strict=False)
+        if len(unexpected) and not all(k.startswith(("fc.", "classifier.")) for k in unexpected):
+            raise ValueError(
+                f"weights_backbone {wb} does not match {arch}'s body: {unexpected[:5]}"
+            )
+    if file is not None:
+        state = load_weights_file(file)
+        state = {k.removeprefix("net."): v for k, v in state.items()}
+        try:
+            net.load_state_dict(state)
+        except RuntimeError as err:
+            raise ValueError(f"weights file {file} does not match {arch}: {err}") from err
+    _replace_predictor(net, num_classes)
+    return net
+
+
+def _frozen_bn(module: nn.Module) -> nn.Module:
+    """Every BatchNorm2d -> FrozenBatchNorm2d with its statistics (detection's batches are tiny)."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            frozen = FrozenBatchNorm2d(child.num_features, eps=child.eps)
+            for key in ("weight", "bias", "running_mean", "running_var"):
+                getattr(frozen, key).copy_(getattr(child, key).detach())
+            setattr(module, name, frozen)
+        else:
+            _frozen_bn(child)
+    return module
+
+
+def _three_channels(stages: nn.Sequential) -> None:
+    """A 1-channel first conv takes RGB: weights / 3 per channel, exact on gray (R=G=B) images."""
+    conv = next(m for m in stages.modules() if isinstance(m, nn.Conv2d))
+    if conv.in_channels == 1:
+        conv.weight = nn.Parameter(conv.weight.detach().repeat(1, 3, 1, 1) / 3)
+        conv.in_channels = 3
+
+
+def _probe(stages: nn.Sequential, side: int = 128) -> list[tuple[int, int]]:
+    """(channels, stride) of every conv stage's output, on a zero image; stops at the FC head."""
+    out, x = [], torch.zeros(1, 3, side, side)
+    was = stages.training
+    stages.eval()
+    with torch.no_grad():
+        for s in stages:
+            if any(
+                isinstance(m, nn.Flatten | nn.Linear | nn.AdaptiveAvgPool2d) for m in s.modules()
+            ):
+                break
+            x = s(x)
+            if x.ndim != 4:
+                break
+            out.append((x.shape[1], side // x.shape[-1]))
+    stages.train(was)
+    return out
+
+
+def _freeze_stages(stages: nn.Sequential, trainable: int | None) -> None:
+    """Only the top `trainable` stages learn (None: all); frozen ones get no gradients."""
+    n = len(stages)
+    k = n if trainable is None else trainable
+    if not 0 <= k <= n:
+        raise ValueError(f"trainable_backbone_layers must be in 0..{n} for this backbone, got {k}")
+    for i, s in enumerate(stages):
+        s.requires_grad_(i >= n - k)
+
+
+def _fpn_detector(
+    body: nn.Sequential,
+    returned: list[int],
+    *,
+    num_classes: int,
+    fpn_channels: int,
+    representation_size: int,
+    anchor_sizes: list[list[int]] | None,
+    aspect_ratios: list[float] | None,
+    **kwargs: Any,
+) -> FasterRCNN:
+    """FasterRCNN on `body` (a Sequential of stages), FPN over stages `returned` + a max-pool level."""
+    shapes = _probe(body)
+    if not returned or any(not 0 <= i < len(shapes) for i in returned):
+        raise ValueError(f"returned stages must be in 0..{len(shapes) - 1}, got {returned}")
+    backbone = BackboneWithFPN(
+        body[: max(returned) + 1],
+        return_layers={str(i): str(j) for j, i in enumerate(returned)},
+        in_channels_list=[shapes[i][0] for i in returned],
+        out_channels=fpn_channels,
+        extra_blocks=LastLevelMaxPool(),
+    )
+    levels = len(returned) + 1
+    names = [str(j) for j in range(len(returned))]
+    anchors = _anchor_generator(anchor_sizes, aspect_ratios, levels) or _anchor_generator(
+        [[32 * 2**i] for i in range(levels)], None, levels
+    )
+    pool = torchvision.ops.MultiScaleRoIAlign(featmap_names=names, output_size=7, sampling_ratio=2)
+    head = TwoMLPHead(fpn_channels * 7 * 7, representation_size)
+    return FasterRCNN(
+        backbone,
+        num_classes=None,
+        rpn_anchor_generator=anchors,
+        box_roi_pool=pool,
+        box_head=head,
+        box_predictor=FastRCNNPredictor(representation_size, num_classes),
+        **kwargs,
+    )
+
+
+def _default_returned(shapes: list[tuple[int, int]], min_stride: int) -> list[int]:
+    """The deepest stage at each stride >= min_stride (how torchvision picks ResNet layers)."""
+    last: dict[int, int] = {}
+    for i, (_, stride) in enumerate(shapes):
+        if stride >= min_stride:
+            last[stride] = i
+    return sorted(last.values())
+
+
+def _transfer_body(backbone: str, weights: str | None) -> nn.Sequential:
+    """The conv stages (4-D outputs) of `backbone`, loaded from a cnnlab checkpoint if given."""
+    stages, _ = build_backbone(
+        backbone, weights=None if weights is None or _is_file_path(weights) else weights
+    )
+    if weights is not None and _is_file_path(weights):
+        state = load_weights_file(weights)
+        stage_state = {
+            k[len("net.stages.") :]: v for k, v in state.items() if k.startswith("net.stages.")
+        }
+        if not stage_state:
+            raise ValueError(
+                f"{Path(weights)} has no net.stages.* weights: not a cnnlab (TransferClassifier) checkpoint"
+            )
+        try:
+            nn.ModuleList(stages).load_state_dict(stage_state)
+        except RuntimeError as err:
+            raise ValueError(
+                f"checkpoint {Path(weights)} does not match backbone {backbone}: {err}"
+            ) from err
+    body = nn.Sequential(*stages)
+    _three_channels(body)
+    conv = len(_probe(body))
+    return nn.Sequential(*list(body)[:conv])
+
+
+def build_faster_rcnn(
+    *,
+    arch: str = "resnet18_fpn",
+    num_classes: int = 91,
+    weights: str | None = None,
+    weights_backbone: str | None = None,
+    backbone: str = "digits_cnn",
+    trainable_backbone_layers: int | None = None,
+    returned_stages: list[int] | None = None,
+    fpn_channels: int = 64,
+    representation_size: int = 256,
+    anchor_sizes: list[list[int]] | None = None,
+    aspect_ratios: list[float] | None = None,
+    image_mean: list[float] | None = None,
+    image_std: list[float] | None = None,
+    **kwargs: Any,
+) -> FasterRCNN:
+    """A Faster R-CNN for `num_classes` (background included: K objects -> K + 1).
+
+    `weights`: the whole detector (COCO enum name or file; the box predictor is replaced when
+    `num_classes` differs); `weights_backbone`: ImageNet weights for the body (torchvision
+    archs), or for `transfer` the cnnlab checkpoint / torchvision weights of `backbone`.
+    `returned_stages` (resnet18_fpn / transfer): which stages feed the FPN (default: the deepest
+    one per stride >= 4). `fpn_channels`, `representation_size`: width of the slim nets' FPN and
+    box head. Further keyword args (min_size, max_size, rpn_batch_size_per_image,
+    box_batch_size_per_image, rpn_*_nms_top_n_*, box_detections_per_img, ...) go to FasterRCNN.
+    """
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; valid: {', '.join(ARCHS)}")
+    if num_classes < 2:
+        raise ValueError(f"num_classes counts the background: need >= 2, got {num_classes}")
+    if arch in TORCHVISION_DETECTORS:
+        levels = 3 if arch == "mobilenet_v3_large_fpn" else 5
+        anchors = _anchor_generator(anchor_sizes, aspect_ratios, levels)
+        if anchors is not None:
+            kwargs["rpn_anchor_generator"] = anchors
+        if image_mean is not None:
+            kwargs.update(image_mean=image_mean, image_std=image_std)
+        return _torchvision_detector(
+            arch,
+            num_classes=num_classes,
+            weights=weights,
+            weights_backbone=weights_backbone,
+            trainable_backbone_layers=trainable_backbone_layers,
+            **kwargs,
+        )
+    if arch == "resnet18_fpn":
+        resnet = build_torchvision("resnet18", weights=weights_backbone)
+        stem = nn.Sequential(resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool)  # stride 4
+        body = nn.Sequential(stem, resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4)
+        mean = image_mean or [0.485, 0.456, 0.406]
+        std = image_std or [0.229, 0.224, 0.225]
+        default = [2, 3, 4]
+    else:
+        if backbone not in BACKBONES:
+            raise ValueError(f"unknown backbone {backbone!r}; valid: {', '.join(BACKBONES)}")
+        body = _transfer_body(backbone, weights_backbone)
+        digits = backbone == "digits_cnn"
+        mean = image_mean or (MNIST_MEAN if digits else [0.485, 0.456, 0.406])
+        std = image_std or (MNIST_STD if digits else [0.229, 0.224, 0.225])
+        default = _default_returned(_probe(body), min_stride=4)
+    _frozen_bn(body)
+    _freeze_stages(body, trainable_backbone_layers)
+    net = _fpn_detector(
+        body,
+        returned_stages if returned_stages is not None else default,
+        num_classes=num_classes,
+        fpn_channels=fpn_channels,
+        representation_size=representation_size,
+        anchor_sizes=anchor_sizes,
+        aspect_ratios=aspect_ratios,
+        image_mean=mean,
+        image_std=std,
+        **kwargs,
+    )
+    if weights is not None:  # a whole cnnlab detector (FasterRCNNModule checkpoint or state dict)
+        state = {k.removeprefix("net."): v for k, v in load_weights_file(weights).items()}
+        try:
+            net.load_state_dict(state)
+        except RuntimeError as err:
+            raise ValueError(
+                f"weights file {weights} does not match this {arch} detector: {err}"
+            ) from err
+    return net
