@@ -1,0 +1,380 @@
+"""Unlabelled images for GANs: the embedded digits, ImageFolder / LSUN, CelebA, CIFAR-10.
+
+A GAN trains on images alone, so batches are `(B, C, S, S)` float32 tensors in [-1, 1] (G's tanh
+range), no labels. Validation still needs real images: the FID compares G's samples with them.
+Nothing downloads unless `download: true` (CIFAR-10 and CelebA, in `prepare_data`).
+
+`predict` feeds sample indices 0..num_samples-1, not images: the GAN turns index i into its own
+seeded latent vector, so sample i is the same picture on any number of devices.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.utilities import rank_zero_warn
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision import datasets
+from torchvision.datasets.folder import IMG_EXTENSIONS
+from torchvision.transforms import v2
+
+from datamodules.classification import CIFAR10, holdout_split
+from datamodules.common import make_loader
+from datamodules.digits import load_mnist5k
+
+DatasetName = Literal["digits", "imagefolder", "lsun", "celeba", "cifar10"]
+DATASETS = ("digits", "imagefolder", "lsun", "celeba", "cifar10")
+MODE_POLICIES = ("convert", "error")
+SPLITS = ("train", "val", "test")
+_LSUN_HINT = (
+    "LSUN ships as LMDB: export a category to JPEG files first (github.com/fyu/lsun: "
+    "`python3 data.py export bedroom_train_lmdb --out_dir DIR`) and set root: DIR"
+)
+
+
+def _scale(x: torch.Tensor) -> torch.Tensor:
+    """uint8 or [0, 1] float images -> [-1, 1] float32 (G's tanh range)."""
+    x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+    return x * 2.0 - 1.0
+
+
+def image_transform(image_size: int, channels: int) -> v2.Compose:
+    """PIL image -> (C, S, S) float32 in [-1, 1]: resize the short side to S, centre crop S."""
+    return v2.Compose(
+        [
+            v2.ToImage(),  # (C, H, W) uint8
+            v2.Resize(image_size, antialias=True),
+            v2.CenterCrop(image_size),  # CelebA 178x218 -> 64x64 keeps the face (DCGAN's crop)
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize([0.5] * channels, [0.5] * channels),  # [0, 1] -> [-1, 1]
+        ]
+    )
+
+
+def to_mode(image: Image.Image, channels: int) -> Image.Image:
+    """Any PIL mode -> RGB (channels 3) or L (channels 1); transparency is composited on black."""
+    want = "RGB" if channels == 3 else "L"
+    if image.mode == want:
+        return image
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        image = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        image.alpha_composite(rgba)
+    return image.convert(want)
+
+
+def _header(path: str) -> str:
+    """The image mode of `path` from its header, or `error: ...` when it is not a readable image."""
+    try:
+        with Image.open(path) as im:
+            mode = im.mode
+            im.verify()
+        return mode
+    except (OSError, SyntaxError, ValueError, EOFError) as err:
+        return f"error: {type(err).__name__}: {err}"
+
+
+def scan_images(paths: Sequence[str]) -> dict[str, str]:
+    """{path: mode} for every file (threads: header reads are I/O bound); `error: ...` if unreadable."""
+    with ThreadPoolExecutor() as pool:
+        return dict(zip(paths, pool.map(_header, paths), strict=True))
+
+
+def list_images(root: Path) -> list[str]:
+    """Every image file under `root` (recursively, sorted), by extension."""
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder {root} does not exist")
+    files = sorted(str(p) for p in root.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS)
+    if not files:
+        raise FileNotFoundError(
+            f"image folder {root} holds no images (looked for {', '.join(IMG_EXTENSIONS)} "
+            "files in it and its subfolders)"
+        )
+    return files
+
+
+def check_modes(folder: Path, modes: dict[str, str], channels: int, policy: str) -> None:
+    """Reject unreadable files; with policy `error`, also any image not already RGB (or L)."""
+    bad = {p: m for p, m in modes.items() if m.startswith("error")}
+    if bad:
+        path, reason = next(iter(bad.items()))
+        raise OSError(
+            f"{path} is not a readable image ({reason[7:]}); {len(bad)} bad file(s) in {folder}"
+        )
+    want = "RGB" if channels == 3 else "L"
+    other = {p: m for p, m in modes.items() if m != want}
+    if not other:
+        return
+    counts = Counter(modes.values())
+    summary = ", ".join(f"{n} {m}" for m, n in counts.most_common())
+    example = ", ".join(f"{Path(p).name} is {m}" for p, m in list(other.items())[:3])
+    if policy == "error":
+        raise ValueError(
+            f"{folder}: images of mixed modes ({summary}; e.g. {example}), expected all {want}. "
+            f"Set `mixed_modes: convert` to convert them to {want} (transparency onto black)."
+        )
+    rank_zero_warn(f"{folder}: converting {len(other)} image(s) to {want} ({summary})")
+
+
+def digits_images(split: str, image_size: int = 32, channels: int = 1) -> torch.Tensor:
+    """MNIST-5k `split` as GAN images: (N, C, S, S) float32 in [-1, 1], black 2-pixel border.
+
+    Same order as `load_mnist5k()[split].labels`, so the D-feature SVM can label them.
+    """
+    x = torch.from_numpy(load_mnist5k()[split].images).unsqueeze(1)  # (N, 1, 28, 28) uint8
+    x = F.pad(_scale(x), (2, 2, 2, 2), value=-1.0)  # (N, 1, 32, 32)
+    if image_size != 32:
+        x = F.interpolate(x, size=image_size, mode="bilinear", antialias=True)
+    return x.expand(-1, channels, -1, -1).contiguous()
+
+
+class _Tensors(Dataset):
+    """Preprocessed images held in memory: (N, C, S, S) float32."""
+
+    def __init__(self, images: torch.Tensor) -> None:
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.images[i]
+
+
+class _Files(Dataset):
+    """Image files, converted to the wanted mode and transformed: (C, S, S) float32."""
+
+    def __init__(self, paths: Sequence[str], transform: v2.Compose, channels: int) -> None:
+        self.paths, self.transform, self.channels = list(paths), transform, channels
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        with Image.open(self.paths[i]) as im:
+            return self.transform(to_mode(im, self.channels))
+
+
+class _Subset(Dataset):
+    """`indices` of a torchvision (image, target) data set, images only, transformed."""
+
+    def __init__(self, base: Dataset, indices: Sequence[int], transform: v2.Compose, channels: int):
+        self.base, self.indices, self.transform, self.channels = (
+            base,
+            list(indices),
+            transform,
+            channels,
+        )
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        image = self.base[self.indices[i]][0]
+        return self.transform(to_mode(image, self.channels))
+
+
+class _Indices(Dataset):
+    """0..n-1 as int64 scalars: which latent vectors `predict` draws."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return torch.tensor(i)
+
+
+class CelebA(datasets.CelebA):
+    """torchvision's CelebA that checks its files exist instead of their md5 on every load."""
+
+    def _check_integrity(self) -> bool:
+        base = Path(self.root) / self.base_folder
+        files = [name for _, _, name in self.file_list if not name.endswith(".zip")]
+        return (base / "img_align_celeba").is_dir() and all((base / f).is_file() for f in files)
+
+
+class ImageDataModule(LightningDataModule):
+    """Images in [-1, 1] for a GAN; val/test are real images for the FID.
+
+    - `digits`: the embedded MNIST-5k split (train 4,000 / val 500 / test 500), 28x28 padded with
+      2 black pixels to 32x32 (64: then resized), one channel (3: repeated).
+    - `imagefolder` / `lsun`: every image under `root` (any sub-folders; class folders are
+      ignored). `root/train` and `root/val` (optional `root/test`) are used when present;
+      otherwise `val_fraction` is held out (seeded). Headers are checked at setup: an unreadable
+      file is an error naming it; modes other than RGB (L, P, RGBA, CMYK...) are converted, or
+      rejected with `mixed_modes: error`.
+    - `celeba`: torchvision's layout under `root/celeba`, its train/valid/test split, resized
+      and centre-cropped to `image_size` (64 in DCGAN's experiments).
+    - `cifar10`: train split for training, test split (10,000) for val and test.
+    """
+
+    def __init__(
+        self,
+        dataset: DatasetName = "digits",
+        root: str = "data",
+        image_size: int = 32,
+        channels: int = 1,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        download: bool = False,
+        val_fraction: float = 0.05,
+        mixed_modes: Literal["convert", "error"] = "convert",
+        check_images: bool = True,
+        max_eval_samples: int | None = None,
+        num_samples: int = 64,
+        seed: int = 0,
+    ) -> None:
+        """
+        Args:
+            channels: 1 (grayscale) or 3 (RGB); images are converted to it.
+            mixed_modes: imagefolder/lsun: `convert` other modes to the wanted one, or `error`.
+            check_images: imagefolder/lsun: read every header at setup (turn off for millions).
+            max_eval_samples: at most this many val/test images (the FID's real sample).
+            num_samples: how many samples `predict` asks the GAN for.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        if dataset not in DATASETS:
+            raise ValueError(f"unknown dataset {dataset!r}; valid: {', '.join(DATASETS)}")
+        if mixed_modes not in MODE_POLICIES:
+            raise ValueError(f"mixed_modes must be convert or error, got {mixed_modes!r}")
+        if channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3, got {channels}")
+        if image_size not in (32, 64):
+            raise ValueError(
+                f"image_size must be 32 or 64 (the DCGAN nets' sizes), got {image_size}"
+            )
+        if not 0.0 < val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        if max_eval_samples is not None and max_eval_samples < 2:
+            raise ValueError(
+                f"max_eval_samples must be >= 2 (an FID needs two) or null, got {max_eval_samples}"
+            )
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        self.root = Path(root).expanduser()
+        self.channels, self.image_size = channels, image_size
+        self._sets: dict[str, Dataset] = {}
+
+    def prepare_data(self) -> None:
+        """Download once per node (Lightning calls this on local rank 0 only)."""
+        hp = self.hparams
+        if hp.download and hp.dataset == "cifar10":
+            for train in (True, False):
+                CIFAR10(str(self.root), train=train, download=True)
+        elif hp.download and hp.dataset == "celeba":
+            CelebA(str(self.root), split="all", target_type=[], download=True)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self._sets:
+            return
+        builders = {
+            "digits": self._digits,
+            "imagefolder": self._folder,
+            "lsun": self._folder,
+            "celeba": self._celeba,
+            "cifar10": self._cifar10,
+        }
+        sets = builders[self.hparams.dataset]()
+        limit = self.hparams.max_eval_samples
+        for split in ("val", "test"):
+            if limit is not None and len(sets[split]) > limit:
+                sets[split] = torch.utils.data.Subset(sets[split], range(limit))
+        self._sets = sets
+
+    # --------------------------------------------------------------- builders
+
+    def _digits(self) -> dict[str, Dataset]:
+        return {s: _Tensors(digits_images(s, self.image_size, self.channels)) for s in SPLITS}
+
+    def _folder(self) -> dict[str, Dataset]:
+        hp = self.hparams
+        if not self.root.is_dir():
+            hint = f"; {_LSUN_HINT}" if hp.dataset == "lsun" else ""
+            raise FileNotFoundError(f"{hp.dataset}: image folder {self.root} does not exist{hint}")
+        if (self.root / "train").is_dir() and (self.root / "val").is_dir():
+            files = {s: list_images(self.root / s) for s in ("train", "val")}
+            test = self.root / "test"
+            files["test"] = list_images(test) if test.is_dir() else files["val"]
+        else:
+            every = list_images(self.root)
+            train_idx, val_idx = holdout_split(len(every), hp.val_fraction, hp.seed)
+            files = {"train": [every[i] for i in train_idx], "val": [every[i] for i in val_idx]}
+            files["test"] = files["val"]
+        if hp.check_images:
+            for split in ("train", "val", "test"):
+                check_modes(self.root, scan_images(files[split]), self.channels, hp.mixed_modes)
+        transform = image_transform(self.image_size, self.channels)
+        return {s: _Files(f, transform, self.channels) for s, f in files.items()}
+
+    def _celeba(self) -> dict[str, Dataset]:
+        base = self.root / CelebA.base_folder
+        try:
+            parts = {
+                s: CelebA(str(self.root), split=on_disk, target_type=[], download=False)
+                for s, on_disk in (("train", "train"), ("val", "valid"), ("test", "test"))
+            }
+        except RuntimeError as err:  # torchvision: "Dataset not found or corrupted"
+            raise FileNotFoundError(
+                f"celeba: {base} must hold img_align_celeba/ and the list_*.txt / identity_CelebA.txt "
+                f"files ({err}); pass `download: true` or point `root` at them"
+            ) from err
+        transform = image_transform(self.image_size, self.channels)
+        return {s: _Subset(d, range(len(d)), transform, self.channels) for s, d in parts.items()}
+
+    def _cifar10(self) -> dict[str, Dataset]:
+        base = self.root / CIFAR10.base_folder
+        if not base.is_dir():
+            raise FileNotFoundError(
+                f"cifar10: {base} not found; pass `download: true` to fetch it into {self.root}"
+            )
+        train = CIFAR10(str(self.root), train=True, download=False)
+        test = CIFAR10(str(self.root), train=False, download=False)
+        transform = image_transform(self.image_size, self.channels)
+        val = _Subset(test, range(len(test)), transform, self.channels)
+        return {
+            "train": _Subset(train, range(len(train)), transform, self.channels),
+            "val": val,
+            "test": val,
+        }
+
+    # --------------------------------------------------------------- loaders
+
+    def _loader(self, split: str) -> DataLoader:
+        self.setup()
+        hp = self.hparams
+        train = split == "train"
+        # drop_last in training: a last batch of 1 image would break BatchNorm (and D's balance).
+        return make_loader(
+            self._sets[split],
+            batch_size=hp.batch_size,
+            num_workers=hp.num_workers,
+            train=train,
+            drop_last=train and len(self._sets[split]) > hp.batch_size,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train")
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        hp = self.hparams
+        return make_loader(
+            _Indices(hp.num_samples), batch_size=hp.batch_size, num_workers=0, train=False
+        )

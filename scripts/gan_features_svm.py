@@ -1,0 +1,177 @@
+"""DCGAN §5.1 on the embedded digits: a GAN's discriminator as a feature extractor for a linear SVM.
+
+    python scripts/gan_features_svm.py --ckpt runs/digits_dcgan/version_0/checkpoints/last.ckpt
+    python scripts/gan_features_svm.py --ckpt ... --labels-per-class 10 100 --seeds 0 1 2 --out svm.json
+
+Every hidden layer of D is max-pooled to 4x4 and the results concatenated (DCGAN's protocol),
+then a linear L2-SVM (sklearn LinearSVC, squared hinge) learns from N labelled digits per class
+of the train split and is scored on the 500 test digits. The same SVM runs on a randomly
+initialised D of the same architecture and on the raw pixels: what D learned without labels
+must beat both. C is chosen per feature set by cross-validation on the labelled digits only.
+Writes JSON: one row per (features, labels per class) with `test/svm_acc` (mean over seeds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone, no install
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from sklearn.model_selection import GridSearchCV, StratifiedKFold  # noqa: E402
+from sklearn.pipeline import make_pipeline  # noqa: E402
+from sklearn.preprocessing import StandardScaler  # noqa: E402
+from sklearn.svm import LinearSVC  # noqa: E402
+from torch import nn  # noqa: E402
+
+from datamodules.digits import budget_indices, load_mnist5k  # noqa: E402
+from datamodules.images import digits_images  # noqa: E402
+from lit_modules.nets.gan_nets import build_discriminator  # noqa: E402
+
+C_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+POOL = 4  # every layer max-pooled to 4x4 (DCGAN §5.1)
+
+
+def _d_kwargs(hp: dict[str, Any]) -> dict[str, Any]:
+    """build_discriminator arguments from a DCGANModule's hyper-parameters."""
+    return {
+        "arch": hp.get("arch", "dcgan"),
+        "channels": hp.get("channels", 1),
+        "image_size": hp.get("image_size", 32),
+        "width": hp.get("d_width", 64),
+        "mlp_hidden": tuple(hp.get("mlp_d_hidden", (240, 240))),
+        "maxout_pieces": hp.get("maxout_pieces", 5),
+        "dropout": hp.get("d_dropout", 0.2),
+    }
+
+
+def load_discriminator(ckpt: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """D of a DCGANModule checkpoint (weights_only load: a checkpoint is data) and its config."""
+    path = Path(ckpt)
+    if not path.is_file():
+        raise FileNotFoundError(f"GAN checkpoint not found: {path}")
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    hp = obj.get("hyper_parameters") if isinstance(obj, dict) else None
+    state = obj.get("state_dict") if isinstance(obj, dict) else None
+    if not isinstance(hp, dict) or not isinstance(state, dict):
+        raise ValueError(f"{path} is not a Lightning checkpoint (no hyper_parameters/state_dict)")
+    d_state = {
+        k[len("discriminator.") :]: v for k, v in state.items() if k.startswith("discriminator.")
+    }
+    if not d_state:
+        raise ValueError(f"{path} holds no discriminator.* weights: not a DCGANModule checkpoint")
+    net = build_discriminator(**_d_kwargs(hp))
+    try:
+        net.load_state_dict(d_state)
+    except RuntimeError as err:
+        raise ValueError(f"{path}: discriminator weights do not match its config: {err}") from err
+    return net.eval(), hp
+
+
+@torch.no_grad()
+def d_features(net: nn.Module, images: torch.Tensor, batch_size: int = 250) -> np.ndarray:
+    """Every hidden layer of D, max-pooled to 4x4 and concatenated: (N, sum_l C_l * 16)."""
+    net.eval()
+    out = []
+    for x in images.split(batch_size):
+        layers = net.features(x)  # [(B, C_l, H_l, W_l)] (MLP D: [(B, H_l)])
+        pooled = [F.adaptive_max_pool2d(f, POOL).flatten(1) if f.ndim == 4 else f for f in layers]
+        out.append(torch.cat(pooled, 1))
+    return torch.cat(out).numpy()
+
+
+def svm_accuracy(
+    train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray
+) -> tuple[float, float]:
+    """Test accuracy of a linear L2-SVM on standardised features, C by CV; (accuracy, C)."""
+    folds = min(5, int(np.bincount(train_y).min()))
+    svm = make_pipeline(StandardScaler(), LinearSVC(loss="squared_hinge", max_iter=20000))
+    search = GridSearchCV(
+        svm,
+        {"linearsvc__C": list(C_GRID)},
+        cv=StratifiedKFold(folds, shuffle=True, random_state=0),
+    )
+    search.fit(train_x, train_y)
+    return float(search.score(test_x, test_y)), float(search.best_params_["linearsvc__C"])
+
+
+def run_svm(
+    ckpt: str | Path,
+    labels_per_class: list[int] | tuple[int, ...] = (10,),
+    seeds: tuple[int, ...] = (0, 1, 2),
+) -> dict[str, Any]:
+    """SVM accuracies on trained-D, random-D and pixel features for each label budget."""
+    torch.manual_seed(0)
+    trained, hp = load_discriminator(ckpt)
+    size, channels = hp.get("image_size", 32), hp.get("channels", 1)
+    random_d = build_discriminator(**_d_kwargs(hp)).eval()  # same architecture, N(0, 0.02) init
+    split = load_mnist5k()
+    images = {s: digits_images(s, size, channels) for s in ("train", "test")}  # (N, C, S, S)
+    labels = {s: split[s].labels for s in ("train", "test")}
+    features = {
+        "trained_d": {s: d_features(trained, images[s]) for s in images},
+        "random_d": {s: d_features(random_d, images[s]) for s in images},
+        "pixels": {s: images[s].flatten(1).numpy() for s in images},
+    }
+    rows = []
+    for name, feats in features.items():
+        for budget in labels_per_class:
+            accs, cs = [], []
+            for seed in seeds:
+                idx = budget_indices(labels["train"], budget, seed)
+                acc, c = svm_accuracy(
+                    feats["train"][idx], labels["train"][idx], feats["test"], labels["test"]
+                )
+                accs.append(acc)
+                cs.append(c)
+            rows.append(
+                {
+                    "features": name,
+                    "labels_per_class": budget,
+                    "dim": int(feats["train"].shape[1]),
+                    "test/svm_acc": float(np.mean(accs)),
+                    "std": float(np.std(accs)),
+                    "per_seed": accs,
+                    "C": cs,
+                }
+            )
+            print(
+                f"[svm] {name:9s} {budget:>3} labels/class  dim {rows[-1]['dim']:>5}  "
+                f"test/svm_acc {np.mean(accs):.3f} ± {np.std(accs):.3f}"
+            )
+    return {"ckpt": str(ckpt), "arch": hp.get("arch"), "seeds": list(seeds), "rows": rows}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--ckpt", required=True, type=Path, help="a DCGANModule checkpoint")
+    parser.add_argument("--labels-per-class", nargs="+", type=int, default=[10])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="label draws")
+    parser.add_argument("--out", type=Path, default=None, help="JSON file (default: stdout only)")
+    args = parser.parse_args(argv)
+    if any(not 1 <= n <= 400 for n in args.labels_per_class):
+        parser.error("--labels-per-class must be in 1..400 (the train split has 400 per class)")
+    try:
+        result = run_svm(args.ckpt, args.labels_per_class, tuple(args.seeds))
+    except (OSError, ValueError) as err:
+        sys.exit(f"error: {err}")
+    text = json.dumps(result, indent=2) + "\n"
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
+        print(f"svm: {args.out}")
+    else:
+        print(text)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,357 @@
+"""GANs: nets, one manual-optimisation step, quality metrics, ImageDataModule, the CLI and DDP."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from datamodules.digits import DIGITS_MEAN, DIGITS_STD
+from datamodules.images import ImageDataModule
+from lit_modules.gan import ClassEntropy, DCGANModule
+from lit_modules.nets.gan_nets import DigitsJudge, build_discriminator, build_generator
+from lit_modules.transfer import TransferClassifier
+from tests.test_cli import QUIET, train
+
+TINY = {"g_width": 8, "d_width": 8, "latent_dim": 16, "mlp_g_hidden": (32,), "mlp_d_hidden": (16,)}
+TRAINER = {
+    "accelerator": "cpu",
+    "logger": False,
+    "enable_checkpointing": False,
+    "enable_progress_bar": False,
+    "enable_model_summary": False,
+}
+
+
+def _classifier_ckpt(path: Path, num_classes: int = 10) -> Path:
+    """A (random) TransferClassifier checkpoint in ExportWeights' format."""
+    module = TransferClassifier(backbone="digits_cnn", num_classes=num_classes, mode="scratch")
+    torch.save({"state_dict": module.state_dict()}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _classifier_ckpt(tmp_path_factory.mktemp("judge") / "digits_classifier.pt")
+
+
+# ----------------------------------------------------------------------------- nets
+
+
+@pytest.mark.parametrize("arch", ["dcgan", "mlp"])
+@pytest.mark.parametrize("size,channels", [(32, 1), (64, 3)])
+def test_nets_shapes_and_gradients(arch: str, size: int, channels: int) -> None:
+    kw = {"arch": arch, "channels": channels, "image_size": size}
+    g = build_generator(**kw, latent_dim=16, width=8, mlp_hidden=(32,))
+    d = build_discriminator(**kw, width=8, mlp_hidden=(16,))
+    x = g(torch.randn(4, 16))
+    assert x.shape == (4, channels, size, size) and x.abs().max() <= 1.0  # tanh range
+    logits = d(x)
+    assert logits.shape == (4,)
+    logits.sum().backward()
+    grads = [p.grad for p in [*g.parameters(), *d.parameters()]]
+    assert all(gr is not None and torch.isfinite(gr).all() for gr in grads)
+    feats = d.features(x)
+    if arch == "dcgan":  # one tensor per stride-2 layer, halving down to 4x4
+        assert [f.shape[-1] for f in feats] == [size // 2**i for i in range(1, len(feats) + 1)]
+        assert feats[-1].shape[-1] == 4
+        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in d.blocks[0])  # D's input
+        assert isinstance(g.net[-1], torch.nn.Tanh) and isinstance(
+            g.net[-2], torch.nn.ConvTranspose2d
+        )
+
+
+def test_dcgan_init_is_normal_002() -> None:
+    d = build_discriminator(arch="dcgan", width=64)
+    w = torch.cat([m.weight.flatten() for m in d.modules() if isinstance(m, torch.nn.Conv2d)])
+    assert abs(w.std().item() - 0.02) < 0.002 and abs(w.mean().item()) < 0.002
+
+
+def test_bad_net_config() -> None:
+    with pytest.raises(ValueError, match="image_size must be one of"):
+        build_generator(image_size=48)
+    with pytest.raises(ValueError, match="unknown arch 'vae'"):
+        DCGANModule(arch="vae", fid_features="none")
+    with pytest.raises(ValueError, match="channels: 1"):
+        DCGANModule(channels=3, fid_features="digits")
+
+
+# ----------------------------------------------------------------------------- one step
+
+
+class _StepSpy(Callback):
+    """Snapshots G's and D's weights around each optimizer's step (the real torch optimizers)."""
+
+    def __init__(self) -> None:
+        self.changed: list[tuple[str, bool, bool]] = []  # (optimizer, G changed, D changed)
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        for name, opt in zip(("G", "D"), trainer.optimizers, strict=True):
+            step = opt.step
+
+            def spy(*args, _step=step, _name=name, **kwargs):  # noqa: ANN002, ANN003, ANN202
+                before = [p.detach().clone() for p in pl_module.parameters() if p.requires_grad]
+                out = _step(*args, **kwargs)
+                after = [p.detach() for p in pl_module.parameters() if p.requires_grad]
+                n_g = len(list(pl_module.generator.parameters()))
+                diff = [not torch.equal(b, a) for b, a in zip(before, after, strict=True)]
+                self.changed.append((_name, any(diff[:n_g]), any(diff[n_g:])))
+                return out
+
+            opt.step = spy
+
+
+@pytest.mark.parametrize("arch", ["dcgan", "mlp"])
+@pytest.mark.parametrize("g_loss", ["non_saturating", "minimax"])
+def test_one_step_updates_d_then_g_and_only_them(arch: str, g_loss: str) -> None:
+    torch.manual_seed(0)
+    model = DCGANModule(arch=arch, g_loss=g_loss, fid_features="none", **TINY)
+    spy = _StepSpy()
+    data = DataLoader(torch.rand(8, 1, 32, 32) * 2 - 1, batch_size=8)
+    g0 = [p.detach().clone() for p in model.generator.parameters()]
+    d0 = [p.detach().clone() for p in model.discriminator.parameters()]
+    trainer = Trainer(max_steps=2, limit_val_batches=0, callbacks=[spy], **TRAINER)
+    trainer.fit(model, train_dataloaders=data)
+    assert spy.changed == [("D", False, True), ("G", True, False)]  # D's step first, then G's
+    assert any(not torch.equal(a, b) for a, b in zip(g0, model.generator.parameters(), strict=True))
+    assert any(
+        not torch.equal(a, b) for a, b in zip(d0, model.discriminator.parameters(), strict=True)
+    )
+    assert {
+        "train/d_loss",
+        "train/g_loss",
+        "train/d_real",
+        "train/d_fake",
+    } <= trainer.callback_metrics.keys()
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def test_judge_and_metrics_on_real_digits(classifier: Path, tmp_path: Path) -> None:
+    judge = DigitsJudge(classifier, mean=DIGITS_MEAN, std=DIGITS_STD)
+    x = torch.rand(6, 1, 32, 32) * 2 - 1
+    assert judge(x).shape == (6, judge.num_features)
+    assert torch.allclose(judge.probs(x).sum(1), torch.ones(6))
+    judge.train()
+    assert not judge.training  # a measuring instrument stays in eval mode
+    ent = ClassEntropy(10)
+    ent.update(torch.arange(10).repeat(3))
+    assert ent.compute().item() == pytest.approx(math.log(10), abs=1e-5)
+    ent.reset()
+    ent.update(torch.full((20,), 3))
+    assert ent.compute().item() == 0.0
+
+
+def test_checkpoint_leaves_out_the_judge(classifier: Path) -> None:
+    model = DCGANModule(classifier_weights=str(classifier), **TINY)
+    state = model.state_dict()
+    assert not any(k.startswith(("judge.", "val_fid.", "test_fid.")) for k in state)
+    assert any(k.startswith("generator.") for k in state) and "fixed_z" in state
+    other = DCGANModule(classifier_weights=str(classifier), **TINY)
+    other.load_state_dict(state)  # strict: the judge keeps its own weights
+    assert torch.equal(other.generator.net[0].weight, model.generator.net[0].weight)
+
+
+def test_feature_extractor_mismatch_is_a_clear_error(tmp_path: Path) -> None:
+    five = _classifier_ckpt(tmp_path / "five.pt", num_classes=5)
+    with pytest.raises(ValueError, match="5-class classifier"):
+        DCGANModule(classifier_weights=str(five), **TINY)
+    gan = tmp_path / "gan.pt"
+    torch.save({"state_dict": DCGANModule(fid_features="none", **TINY).state_dict()}, gan)
+    with pytest.raises(ValueError, match="not a digits classifier checkpoint"):
+        DCGANModule(classifier_weights=str(gan), **TINY)
+    state = torch.load(_classifier_ckpt(tmp_path / "ok.pt"), weights_only=True)["state_dict"]
+    state["net.stages.0.0.weight"] = torch.zeros(8, 1, 3, 3)  # a narrower first conv
+    torch.save({"state_dict": state}, tmp_path / "narrow.pt")
+    with pytest.raises(ValueError, match="does not match"):
+        DCGANModule(classifier_weights=str(tmp_path / "narrow.pt"), **TINY)
+    with pytest.warns(UserWarning, match="not found"):  # missing: warn, metrics NaN
+        assert DCGANModule(classifier_weights=str(tmp_path / "missing.pt"), **TINY).judge is None
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def test_digits_datamodule_range_and_shapes() -> None:
+    dm = ImageDataModule(dataset="digits", batch_size=50)
+    dm.setup("fit")
+    x = next(iter(dm.train_dataloader()))
+    assert x.shape == (50, 1, 32, 32) and x.min() == -1.0 and x.max() <= 1.0
+    assert (x[..., :2, :] == -1).all() and (x[..., :, -2:] == -1).all()  # padding is black
+    assert len(dm.val_dataloader().dataset) == 500
+    idx = next(iter(dm.predict_dataloader()))
+    assert idx.tolist() == list(range(50))
+
+
+def _img(path: Path, mode: str, size: int = 20) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, (size, size + 6)).save(path)
+
+
+def test_imagefolder_modes_convert_or_reject(tmp_path: Path) -> None:
+    for i, (mode, ext) in enumerate(
+        [("RGB", "png"), ("L", "png"), ("RGBA", "png"), ("CMYK", "jpg")]
+    ):
+        _img(tmp_path / "cls" / f"{i}.{ext}", mode)
+    for i in range(4, 8):
+        _img(tmp_path / f"{i}.jpg", "RGB")
+    dm = ImageDataModule(
+        dataset="imagefolder", root=str(tmp_path), channels=3, batch_size=8, val_fraction=0.25
+    )
+    with pytest.warns(UserWarning, match="converting"):
+        dm.setup("fit")
+    x = torch.cat([*dm.train_dataloader(), *dm.val_dataloader()])
+    assert x.shape == (8, 3, 32, 32) and x.min() >= -1 and x.max() <= 1
+    strict = ImageDataModule(
+        dataset="imagefolder", root=str(tmp_path), channels=3, mixed_modes="error"
+    )
+    with pytest.raises(ValueError, match=r"mixed modes.*RGBA.*mixed_modes: convert"):
+        strict.setup("fit")
+
+
+def test_imagefolder_bad_inputs(tmp_path: Path) -> None:
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    (tmp_path / "empty" / "notes.txt").write_text("no images here")
+    with pytest.raises(FileNotFoundError, match="holds no images"):
+        ImageDataModule(dataset="imagefolder", root=str(tmp_path / "empty")).setup("fit")
+    with pytest.raises(FileNotFoundError, match="LMDB"):
+        ImageDataModule(dataset="lsun", root=str(tmp_path / "nowhere")).setup("fit")
+    broken = tmp_path / "broken"
+    for i in range(3):
+        _img(broken / f"{i}.png", "RGB")
+    (broken / "3.png").write_bytes(b"not a png")
+    with pytest.raises(OSError, match="3.png is not a readable image"):
+        ImageDataModule(dataset="imagefolder", root=str(broken), channels=3).setup("fit")
+    with pytest.raises(ValueError, match="unknown dataset"):
+        ImageDataModule(dataset="mnist")
+
+
+def test_cifar10_fixture(tmp_path: Path) -> None:
+    from tests.test_classification_data import write_cifar10
+
+    write_cifar10(tmp_path)
+    dm = ImageDataModule(dataset="cifar10", root=str(tmp_path), channels=3, batch_size=4)
+    dm.setup("fit")
+    x = next(iter(dm.train_dataloader()))
+    assert x.shape == (4, 3, 32, 32) and len(dm.val_dataloader().dataset) == 6
+    # every fixture image is the constant 10 * label + 5 (0..255): in [-1, 1] that is v / 127.5 - 1
+    allowed = torch.tensor([(10 * k + 5) / 127.5 - 1 for k in range(10)])
+    assert (x - x[:, :1, :1, :1]).abs().max() < 1e-6  # constant images stay constant
+    assert ((x[:, 0, 0, 0, None] - allowed).abs().min(1).values < 1e-5).all()
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+@pytest.mark.parametrize("config", ["digits_dcgan", "digits_gan_mlp"])
+def test_fast_dev_run_digits_configs(config: str, classifier: Path, tmp_path: Path) -> None:
+    train(
+        "fit",
+        f"--config=configs/gan/{config}.yaml",
+        "--trainer.fast_dev_run=true",
+        f"--trainer.default_root_dir={tmp_path}",
+        f"--model.classifier_weights={classifier}",
+        *QUIET,
+    )
+
+
+def test_fit_predict_writes_grids_and_pngs(classifier: Path, tmp_path: Path) -> None:
+    common = [
+        "--config=configs/gan/digits_dcgan.yaml",
+        f"--trainer.default_root_dir={tmp_path}",
+        f"--model.classifier_weights={classifier}",
+        "--model.g_width=8",
+        "--model.d_width=8",
+        "--data.max_eval_samples=64",
+        *QUIET,
+    ]
+    train("fit", *common, "--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--name=fit")
+    run = tmp_path / "fit" / "version_0"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["val/fid"] > 0 and 0 < metrics["val/digit_confidence"] <= 1
+    assert 0 <= metrics["val/class_entropy"] <= math.log(10) + 1e-6
+    assert (run / "images" / "val_samples_epoch000.png").is_file()
+    assert (run / "images" / "val_interpolation_epoch000.png").is_file()
+    ckpt = run / "checkpoints" / "last.ckpt"
+    train("predict", *common, f"--ckpt_path={ckpt}", "--data.num_samples=10", "--name=pred")
+    pred = tmp_path / "pred" / "version_0"
+    rows = json.loads((pred / "predictions.json").read_text())
+    assert [r["index"] for r in rows] == list(range(10))
+    png = np.asarray(Image.open(pred / rows[3]["file"]))
+    assert png.shape == (32, 32)
+    assert list((pred / "images").glob("predict_samples_*.png"))
+
+
+def test_ddp_two_processes_fast_dev_run(classifier: Path, tmp_path: Path) -> None:
+    train(
+        "fit",
+        "--config=configs/gan/digits_dcgan.yaml",
+        "--trainer.accelerator=cpu",
+        "--trainer.devices=2",
+        "--trainer.strategy=ddp",
+        "--trainer.fast_dev_run=true",
+        "--model.g_width=8",
+        "--model.d_width=8",
+        f"--model.classifier_weights={classifier}",
+        f"--trainer.default_root_dir={tmp_path}",
+        *QUIET,
+    )
+
+
+def write_celeba(root: Path, partitions: tuple[int, ...] = (0, 0, 0, 1, 1, 2, 2)) -> None:
+    """torchvision's CelebA layout: aligned 178x218 JPEGs and the five list files."""
+    base = root / "celeba"
+    names = [f"{i + 1:06d}.jpg" for i in range(len(partitions))]
+    for i, name in enumerate(names):
+        (base / "img_align_celeba").mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (178, 218), (40 * i, 100, 200)).save(base / "img_align_celeba" / name)
+    rows = lambda values: "".join(f"{n} {v}\n" for n, v in zip(names, values, strict=True))  # noqa: E731
+    (base / "list_eval_partition.txt").write_text(rows(partitions))
+    (base / "identity_CelebA.txt").write_text(rows(range(len(names))))
+    for file, cols in [
+        ("list_bbox_celeba.txt", "x_1 y_1 width height"),
+        ("list_landmarks_align_celeba.txt", "lefteye_x lefteye_y"),
+        ("list_attr_celeba.txt", "Smiling Young"),
+    ]:
+        k = len(cols.split())
+        (base / file).write_text(
+            f"{len(names)}\n{cols}\n" + rows([" ".join(["1"] * k)] * len(names))
+        )
+
+
+def test_celeba_fixture_64_centre_crop(tmp_path: Path) -> None:
+    write_celeba(tmp_path)
+    dm = ImageDataModule(
+        dataset="celeba", root=str(tmp_path), image_size=64, channels=3, batch_size=2
+    )
+    dm.setup("fit")
+    x = next(iter(dm.train_dataloader()))
+    assert x.shape == (2, 3, 64, 64) and x.min() >= -1 and x.max() <= 1
+    assert len(dm.val_dataloader().dataset) == 2 and len(dm.test_dataloader().dataset) == 2
+    with pytest.raises(FileNotFoundError, match="img_align_celeba"):
+        ImageDataModule(dataset="celeba", root=str(tmp_path / "none")).setup("fit")
+
+
+def test_inception_fid_without_torch_fidelity_warns_and_trains(tmp_path: Path) -> None:
+    """Real-data FID needs torch-fidelity and its weights: without them a warning and NaN."""
+    for i in range(6):
+        Image.new("RGB", (40, 48), (30 * i, 90, 160)).save(tmp_path / f"{i}.png")
+    with pytest.warns(UserWarning, match="torch-fidelity is not installed|Inception weights"):
+        model = DCGANModule(channels=3, fid_features="inception", classifier_weights=None, **TINY)
+    assert model.val_fid is None
+    dm = ImageDataModule(
+        dataset="imagefolder", root=str(tmp_path), channels=3, batch_size=4, val_fraction=0.3
+    )
+    trainer = Trainer(max_epochs=1, default_root_dir=tmp_path / "run", **TRAINER)
+    trainer.fit(model, datamodule=dm)
+    assert (tmp_path / "run" / "images" / "val_samples_epoch000.png").is_file()
+    assert math.isnan(trainer.callback_metrics["val/fid"].item())
+    assert trainer.global_step == 2  # 4 train images, batch 4: one D step + one G step
