@@ -57,6 +57,7 @@ def run_config(
 TOPICS = {  # name -> module with `demo(out) -> dict` and `report(result) -> list[str]`
     "transfer": "scripts.demo_transfer",
     "detection": "scripts.demo_detection",
+    "segmentation": "scripts.demo_segmentation",
     "gan": "scripts.demo_gan",
 }
 

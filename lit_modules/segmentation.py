@@ -1,0 +1,238 @@
+"""FCNModule: semantic segmentation with FCN-32s / 16s / 8s (Long, Shelhamer, Darrell 2015).
+
+Pixelwise cross-entropy (255 ignored) on the scores of a fully convolutional net. Evaluation
+accumulates one confusion matrix per stage (torchmetrics, summed over DDP ranks) and logs the
+paper's four scores from it: `*/pixel_acc`, `*/mean_acc`, `*/miou`, `*/fwiou`.
+`trainable: score` is FCN-32s-fixed (only the last layer learns); `init_from` starts a finer net
+from a coarser one's checkpoint (staged training: 32s -> 16s -> 8s).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+import torchvision
+from lightning.pytorch import LightningModule
+from torch import nn
+from torchmetrics.classification import MulticlassConfusionMatrix
+from torchvision.utils import draw_segmentation_masks, make_grid
+
+from lit_modules.metrics import fcn_scores
+from lit_modules.nets.fcn import ARCHS, FCN, build_fcn
+from lit_modules.visual import log_picture, run_dir, to_uint8
+
+IGNORE = 255
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULERS = ("cosine", "poly", "none")
+TRAINABLE = ("all", "score")
+
+
+def _check_choice(name: str, value: str | None, valid: tuple[str | None, ...]) -> None:
+    if value not in valid:
+        raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(map(str, valid))}")
+
+
+def overlay(
+    images: torch.Tensor, labels: torch.Tensor, palette: list[tuple[int, int, int]]
+) -> torch.Tensor:
+    """(B, C, H, W) images + (B, H, W) class maps -> (B, 3, H, W) uint8, classes >= 1 coloured.
+
+    Background (0) and ignored pixels (255) are left as they are: the image shows through.
+    """
+    pictures = to_uint8(images)  # (B, 3, H, W)
+    classes = torch.arange(1, len(palette), device=labels.device)  # (K-1,)
+    out = []
+    for img, lab in zip(pictures, labels.cpu(), strict=True):
+        masks = lab[None] == classes[:, None, None].cpu()  # (K-1, H, W) bool
+        out.append(draw_segmentation_masks(img, masks, alpha=0.6, colors=palette[1:]))
+    return torch.stack(out)
+
+
+class FCNModule(LightningModule):
+    monitor = ("val/miou", "max")  # what the best checkpoint tracks
+
+    def __init__(
+        self,
+        arch: str = "digits",
+        variant: Literal["32s", "16s", "8s"] | None = "8s",
+        num_classes: int = 11,
+        in_channels: int = 1,
+        weights: str | None = None,
+        init_from: str | None = None,
+        trainable: Literal["all", "score"] = "all",
+        learn_final_upsampling: bool = True,
+        skip_scales: tuple[float, float] = (1.0, 1.0),
+        optimizer: Literal["sgd", "adamw"] = "adamw",
+        lr: float = 1e-3,
+        weight_decay: float = 1e-4,
+        momentum: float = 0.9,
+        scheduler: Literal["cosine", "poly", "none"] = "cosine",
+        loss_reduction: Literal["mean", "sum"] = "mean",
+        num_sample_images: int = 6,
+    ) -> None:
+        """
+        Args:
+            arch: `digits` (small trunk), `vgg16` (the paper's), `resnet18/34/50`, or torchvision's
+                own `fcn_resnet50` / `deeplabv3_resnet50` (then variant: null).
+            variant: 32s, 16s or 8s: how many skips (pool4, pool3) join the stride-32 scores.
+            weights: trunk weights: a torchvision name (`IMAGENET1K_V1`), a file, or null.
+            init_from: a coarser FCN's checkpoint (staged training: 16s from 32s, 8s from 16s).
+            trainable: `all`, or `score`: trunk and fc layers fixed, only the score layers learn
+                (FCN-32s-fixed).
+            learn_final_upsampling: the paper keeps the last upsampling fixed bilinear (false).
+            skip_scales: (pool4, pool3) multipliers before the skips' score layers (at-once
+                training; the authors use (0.01, 0.0001) for VGG16).
+            loss_reduction: `sum` is the paper's unnormalised loss (with a tiny lr, batch 1).
+            num_sample_images: validation scenes drawn as overlays each epoch (0: none).
+        """
+        super().__init__()
+        _check_choice("arch", arch, ARCHS)
+        _check_choice("optimizer", optimizer, OPTIMIZERS)
+        _check_choice("scheduler", scheduler, SCHEDULERS)
+        _check_choice("trainable", trainable, TRAINABLE)
+        _check_choice("loss_reduction", loss_reduction, ("mean", "sum"))
+        self.save_hyperparameters()
+        self.net = build_fcn(
+            arch=arch,
+            variant=variant,
+            num_classes=num_classes,
+            in_channels=in_channels,
+            weights=weights,
+            init_from=init_from,
+            learn_final_upsampling=learn_final_upsampling,
+            skip_scales=skip_scales,
+        )
+        if trainable == "score":
+            if not isinstance(self.net, FCN):
+                raise ValueError(f"trainable: score needs an FCN arch, not {arch}")
+            self.net.freeze_features()
+        self.criterion = nn.CrossEntropyLoss(ignore_index=IGNORE, reduction=loss_reduction)
+        cm = lambda: MulticlassConfusionMatrix(num_classes, ignore_index=IGNORE)  # noqa: E731
+        self.val_cm, self.test_cm = cm(), cm()
+        self._samples: tuple[torch.Tensor, ...] | None = None
+        self._predict_dir = None
+
+    # ------------------------------------------------------------------ checks
+
+    def setup(self, stage: str) -> None:
+        dm = self.trainer.datamodule
+        data_classes = getattr(dm, "num_classes", None)
+        if isinstance(data_classes, int) and data_classes != self.hparams.num_classes:
+            raise ValueError(
+                f"the data has {data_classes} classes but model.num_classes is "
+                f"{self.hparams.num_classes}: set --model.init_args.num_classes {data_classes}"
+            )
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.ndim != 4 or x.shape[1] != self.hparams.in_channels:
+            raise ValueError(
+                f"{self.hparams.arch} expects (B, {self.hparams.in_channels}, H, W) images, got "
+                f"{tuple(x.shape)} (for digits set data.channels: {self.hparams.in_channels})"
+            )
+
+    def _palette(self) -> list[tuple[int, int, int]]:
+        from datamodules.segmentation import voc_palette
+
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        return getattr(dm, "palette", None) or voc_palette(self.hparams.num_classes)
+
+    # ------------------------------------------------------------------ steps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)  # (B, K, H, W) scores
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> Any:
+        x, y = batch  # (B, C, H, W), (B, H, W) int64
+        if batch_idx == 0:
+            self._check_input(x)
+        loss = self.criterion(self(x), y)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def _evaluate(self, batch: tuple[torch.Tensor, torch.Tensor], cm: Any, stage: str) -> Any:
+        x, y = batch
+        scores = self(x)  # (B, K, H, W)
+        pred = scores.argmax(1)  # (B, H, W)
+        cm.update(pred, y)
+        self.log(f"{stage}/loss", self.criterion(scores, y), sync_dist=True)
+        return pred
+
+    def _log_scores(self, cm: MulticlassConfusionMatrix, stage: str) -> None:
+        confusion = cm.compute()  # (K, K), summed over every rank: identical on all ranks
+        cm.reset()
+        if confusion.sum() == 0:
+            return
+        scores = fcn_scores(confusion)
+        self.log_dict({f"{stage}/{k}": v.float() for k, v in scores.items()}, prog_bar=True)
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        if batch_idx == 0:
+            self._check_input(batch[0])
+        pred = self._evaluate(batch, self.val_cm, "val")
+        k = self.hparams.num_sample_images
+        if batch_idx == 0 and k > 0 and not self.trainer.sanity_checking:
+            self._samples = (batch[0][:k], pred[:k], batch[1][:k])
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_scores(self.val_cm, "val")
+        if self._samples is None:
+            return
+        x, pred, y = self._samples
+        self._samples = None
+        palette = self._palette()
+        truth, guess = overlay(x, y, palette), overlay(x, pred, palette)  # (k, 3, H, W) each
+        rows = torch.cat([truth, guess])  # first row truth, second row prediction
+        grid = make_grid(rows, nrow=len(truth), padding=2)
+        log_picture(self, "val/overlays", grid, caption="top: ground truth, bottom: prediction")
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, self.test_cm, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_scores(self.test_cm, "test")
+
+    # ------------------------------------------------------------------ predict
+
+    def on_predict_start(self) -> None:
+        folder = run_dir(self) / "predictions"  # every rank: run_dir is a collective under DDP
+        folder.mkdir(parents=True, exist_ok=True)
+        self._predict_dir = folder
+
+    def predict_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
+        """Predicted class maps; each one also written as an overlay PNG beside the image."""
+        x = batch[0] if isinstance(batch, list | tuple) else batch
+        pred = self(x).argmax(1)  # (B, H, W)
+        pictures = torch.cat([to_uint8(x), overlay(x, pred, self._palette())], dim=-1)
+        rank = f"rank{self.global_rank}_" if self.trainer.world_size > 1 else ""
+        files = []
+        for i, picture in enumerate(pictures):  # (3, H, 2W): image | overlay
+            path = self._predict_dir / f"{rank}batch{batch_idx:05d}_{i:03d}.png"
+            torchvision.io.write_png(picture, str(path))
+            files.append(str(path.relative_to(self._predict_dir.parent)))
+        return {"files": files, "classes": [sorted(set(p.unique().tolist()) - {0}) for p in pred]}
+
+    def format_predictions(self, outputs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Rows of predictions.json: the overlay file and the classes found, per image."""
+        rows = [(f, c) for o in outputs for f, c in zip(o["files"], o["classes"], strict=True)]
+        return [{"index": i, "overlay": f, "classes": c} for i, (f, c) in enumerate(rows)]
+
+    # ------------------------------------------------------------------ optimisation
+
+    def configure_optimizers(self) -> Any:
+        hp = self.hparams
+        params = [p for p in self.net.parameters() if p.requires_grad]
+        if hp.optimizer == "sgd":
+            opt: torch.optim.Optimizer = torch.optim.SGD(
+                params, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay
+            )
+        else:
+            opt = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
+        if hp.scheduler == "none":
+            return opt
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        if hp.scheduler == "poly":  # DeepLab's (1 - step/total)^0.9
+            sched: Any = torch.optim.lr_scheduler.PolynomialLR(opt, total_iters=total, power=0.9)
+        else:
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
