@@ -34,11 +34,9 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore")
 
 
-def run_config(
-    config: str, name: str, root: Path, overrides: list[str], test: bool = True
-) -> dict[str, float]:
-    """`train.py fit` (then `test`) of one config in this process; returns its metrics.json."""
-    args = [
+def fit_args(config: str, name: str, root: Path, overrides: list[str]) -> list[str]:
+    """train.py arguments of a quiet `fit` of one config (no progress bar, summary or W&B)."""
+    return [
         "fit",
         f"--config={CONFIGS / config}",
         f"--name={name}",
@@ -48,7 +46,13 @@ def run_config(
         "--trainer.enable_model_summary=false",
         *overrides,
     ]
-    cli = cli_main(args)
+
+
+def run_config(
+    config: str, name: str, root: Path, overrides: list[str], test: bool = True
+) -> dict[str, float]:
+    """`train.py fit` (then `test`) of one config in this process; returns its metrics.json."""
+    cli = cli_main(fit_args(config, name, root, overrides))
     if test:
         cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
     return json.loads((Path(cli.trainer.log_dir) / "metrics.json").read_text())

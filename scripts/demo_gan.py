@@ -31,7 +31,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from scripts.demo import CONFIGS, run_config  # noqa: E402
+from scripts.demo import fit_args, run_config  # noqa: E402
 from scripts.gan_features_svm import run_svm  # noqa: E402
 from scripts.train import main as cli_main  # noqa: E402
 
@@ -55,18 +55,8 @@ def classifier_weights(root: Path) -> Path:
 def train_gan(config: str, name: str, root: Path, judge: Path, minutes: float) -> dict[str, Any]:
     """`train.py fit` for `minutes` of wall time, then `validate` the final weights."""
     wall = time.strftime("%H:%M:%S", time.gmtime(round(minutes * 60)))
-    args = [
-        "fit",
-        f"--config={CONFIGS / config}",
-        f"--name={name}",
-        f"--trainer.default_root_dir={root}",
-        "--wandb=disabled",
-        "--trainer.enable_progress_bar=false",
-        "--trainer.enable_model_summary=false",
-        f"--trainer.max_time=00:{wall}",
-        f"--model.classifier_weights={judge}",
-        *GAN_OVERRIDES,
-    ]
+    extra = [f"--trainer.max_time=00:{wall}", f"--model.classifier_weights={judge}", *GAN_OVERRIDES]
+    args = fit_args(config, name, root, extra)
     t0 = time.perf_counter()
     cli = cli_main(args)
     fit_seconds = time.perf_counter() - t0

@@ -8,7 +8,9 @@ forgetting on the source task can be measured. Nothing here imports Lightning.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import torchvision
@@ -113,14 +115,16 @@ def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _torchvision_weights(name: str, weights: str) -> torchvision.models.WeightsEnum:
-    """`DEFAULT`, `IMAGENET1K_V2` or a full `ResNet50_Weights.IMAGENET1K_V2` for model `name`."""
-    enum = torchvision.models.get_model_weights(name)
+def torchvision_weights(model: str | Callable[..., nn.Module], weights: str) -> Any:
+    """The weights enum member of torchvision `model` (name or builder) for `DEFAULT`,
+    `IMAGENET1K_V2` or a full `ResNet50_Weights.IMAGENET1K_V2`."""
+    enum = torchvision.models.get_model_weights(model)
     key = weights.split(".")[-1]
     if key == "DEFAULT":
         return enum.DEFAULT
     valid = [w.name for w in enum]
     if key not in valid:
+        name = model if isinstance(model, str) else model.__name__
         raise ValueError(
             f"unknown weights {weights!r} for {name}; valid: DEFAULT, {', '.join(valid)}, null, or a file path"
         )
@@ -144,7 +148,7 @@ def build_torchvision(name: str, *, weights: str | None = None) -> nn.Module:
             except RuntimeError as err:
                 raise ValueError(f"weights file {weights} does not match {name}: {err}") from err
         return model
-    enum = _torchvision_weights(name, weights)
+    enum = torchvision_weights(name, weights)
     try:
         return torchvision.models.get_model(name, weights=enum)
     except Exception as err:  # no network: say where the file is expected

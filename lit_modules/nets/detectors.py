@@ -36,6 +36,7 @@ from lit_modules.nets.backbones import (
     build_backbone,
     build_torchvision,
     load_weights_file,
+    torchvision_weights,
 )
 
 TORCHVISION_DETECTORS: dict[str, Callable[..., FasterRCNN]] = {
@@ -45,20 +46,6 @@ TORCHVISION_DETECTORS: dict[str, Callable[..., FasterRCNN]] = {
 }
 ARCHS = (*TORCHVISION_DETECTORS, "resnet18_fpn", "transfer")
 MNIST_MEAN, MNIST_STD = [0.1307] * 3, [0.3081] * 3  # what digits_cnn was trained with, per RGB
-
-
-def _weights_enum(builder: Callable[..., nn.Module] | str, weights: str) -> Any:
-    """A torchvision weights enum member from `DEFAULT`, `COCO_V1` or `FasterRCNN_..._Weights.COCO_V1`."""
-    enum = torchvision.models.get_model_weights(builder)
-    key = weights.split(".")[-1]
-    if key == "DEFAULT":
-        return enum.DEFAULT
-    valid = [w.name for w in enum]
-    if key not in valid:
-        raise ValueError(
-            f"unknown weights {weights!r}; valid: DEFAULT, {', '.join(valid)}, null, or a file path"
-        )
-    return enum[key]
 
 
 def _anchor_generator(
@@ -99,10 +86,10 @@ def _torchvision_detector(
     wb = weights_backbone
     if wb is not None and not _is_file_path(wb):
         body_name = builder.__name__.removeprefix("fasterrcnn_").split("_fpn")[0]  # resnet50, ...
-        wb = _weights_enum(body_name, wb)
+        wb = torchvision_weights(body_name, wb)
     pretrained = weights is not None and file is None
     net = builder(
-        weights=_weights_enum(builder, weights) if pretrained else None,
+        weights=torchvision_weights(builder, weights) if pretrained else None,
         weights_backbone=None if (wb is None or isinstance(wb, str)) else wb,
         num_classes=None if pretrained else num_classes,
         trainable_backbone_layers=trainable_backbone_layers,
