@@ -62,7 +62,9 @@ def load_table(name: str) -> dict[str, Any]:
     return table
 
 
-def run_row(row: dict[str, Any], quick: bool, root: Path, table: str) -> dict[str, Any]:
+def run_row(
+    row: dict[str, Any], quick: bool, root: Path, table: str, extra: list[str]
+) -> dict[str, Any]:
     if quick and "quick" not in row:  # needs the real data: listed, not run
         return {
             "name": row["name"],
@@ -78,7 +80,7 @@ def run_row(row: dict[str, Any], quick: bool, root: Path, table: str) -> dict[st
     overrides = [o.replace("{root}", str(root)) for o in spec.get("overrides", [])]
     name = f"{table}_{row['name']}".replace(" ", "_").replace("/", "_")
     t0 = time.perf_counter()
-    metrics = run_config(config, name, root, overrides)
+    metrics = run_config(config, name, root, [*overrides, *extra])
     return {
         "name": row["name"],
         "config": config,
@@ -116,12 +118,14 @@ def markdown(table: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def reproduce(name: str, quick: bool, out: Path) -> Path:
+def reproduce(name: str, quick: bool, out: Path, extra: list[str] | None = None) -> Path:
+    """Run table `name`; `extra` overrides go to every run (e.g. a smoke test's max_epochs)."""
+    extra = extra or []
     table = load_table(name)
     root = out / "runs"
     for config in table.get("quick_setup", []) if quick else []:
-        run_config(config, f"{name}_setup_{Path(config).stem}", root, [], test=False)
-    rows = [run_row(row, quick, root, name) for row in table["rows"]]
+        run_config(config, f"{name}_setup_{Path(config).stem}", root, extra, test=False)
+    rows = [run_row(row, quick, root, name, extra) for row in table["rows"]]
     out.mkdir(parents=True, exist_ok=True)
     result = {"table": name, "title": table.get("title"), "quick": quick, "rows": rows}
     (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -138,11 +142,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("table", help="a name in configs/tables/ (without .yaml), or `all`")
     parser.add_argument("--quick", action="store_true", help="run each row's embedded stand-in")
     parser.add_argument("--out", type=Path, default=Path("runs/tables"), help="output folder")
+    parser.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        help="a train.py flag added to every run, e.g. --override=--trainer.max_epochs=1 (repeatable)",
+    )
     args = parser.parse_args(argv)
     quiet_lightning()
     names = sorted(p.stem for p in TABLES.glob("*.yaml")) if args.table == "all" else [args.table]
     for name in names:
-        reproduce(name, args.quick, args.out)
+        reproduce(name, args.quick, args.out, args.override)
 
 
 if __name__ == "__main__":
