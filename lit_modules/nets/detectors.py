@@ -17,7 +17,6 @@ Architectures (`arch`):
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -38,6 +37,7 @@ from lit_modules.nets.backbones import (
     load_weights_file,
     torchvision_weights,
 )
+from lit_modules.nets.transfer_net import load_stages
 
 TORCHVISION_DETECTORS: dict[str, Callable[..., FasterRCNN]] = {
     "resnet50_fpn": torchvision.models.detection.fasterrcnn_resnet50_fpn,
@@ -218,20 +218,7 @@ def _transfer_body(backbone: str, weights: str | None) -> nn.Sequential:
         backbone, weights=None if weights is None or _is_file_path(weights) else weights
     )
     if weights is not None and _is_file_path(weights):
-        state = load_weights_file(weights)
-        stage_state = {
-            k[len("net.stages.") :]: v for k, v in state.items() if k.startswith("net.stages.")
-        }
-        if not stage_state:
-            raise ValueError(
-                f"{Path(weights)} has no net.stages.* weights: not a cnnlab (TransferClassifier) checkpoint"
-            )
-        try:
-            nn.ModuleList(stages).load_state_dict(stage_state)
-        except RuntimeError as err:
-            raise ValueError(
-                f"checkpoint {Path(weights)} does not match backbone {backbone}: {err}"
-            ) from err
+        load_stages(stages, load_weights_file(weights), path=weights, backbone=backbone)
     body = nn.Sequential(*stages)
     _three_channels(body)
     conv = len(_probe(body))

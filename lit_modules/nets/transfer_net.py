@@ -110,6 +110,24 @@ def _cnnlab_checkpoint(weights: str | None) -> dict[str, torch.Tensor] | None:
     return state if any(k.startswith("net.stages.") for k in state) else None
 
 
+def load_stages(
+    stages: list[nn.Module], state: dict[str, torch.Tensor], *, path: str, backbone: str
+) -> None:
+    """Load the `net.stages.*` weights of a TransferClassifier checkpoint into `stages`."""
+    prefix = "net.stages."
+    stage_state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    if not stage_state:
+        raise ValueError(
+            f"{Path(path)} has no net.stages.* weights: not a cnnlab (TransferClassifier) checkpoint"
+        )
+    try:
+        nn.ModuleList(stages).load_state_dict(stage_state)
+    except RuntimeError as err:
+        raise ValueError(
+            f"checkpoint {Path(path)} does not match backbone {backbone}: {err}"
+        ) from err
+
+
 def build_transfer_net(
     *,
     backbone: str,
@@ -127,15 +145,7 @@ def build_transfer_net(
     stages, old_head = build_backbone(backbone, weights=None if ckpt is not None else weights)
     pretrained = weights is not None
     if ckpt is not None:
-        stage_state = {
-            k[len("net.stages.") :]: v for k, v in ckpt.items() if k.startswith("net.stages.")
-        }
-        try:
-            nn.ModuleList(stages).load_state_dict(stage_state)
-        except RuntimeError as err:
-            raise ValueError(
-                f"checkpoint {Path(weights)} does not match backbone {backbone}: {err}"
-            ) from err
+        load_stages(stages, ckpt, path=weights, backbone=backbone)
         w, b = ckpt["net.head.weight"], ckpt.get("net.head.bias")
         old_head = nn.Linear(w.shape[1], w.shape[0], bias=b is not None)
         old_head.load_state_dict({"weight": w, **({"bias": b} if b is not None else {})})
