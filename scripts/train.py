@@ -19,6 +19,8 @@ import warnings
 from pathlib import Path
 from typing import Any, Literal
 
+import torch.distributed as dist
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone, no install
 
 from jsonargparse import DefaultHelpFormatter  # noqa: E402
@@ -119,9 +121,28 @@ def user_error(err: BaseException) -> BaseException | None:
     return None
 
 
+def close_run(*, ok: bool) -> None:
+    """End what a run started before the interpreter exits.
+
+    Lightning destroys a NCCL process group at exit but leaves a gloo one to the interpreter's
+    teardown, where its C++ worker threads are destroyed while still joinable: the process aborts
+    with "terminate called without an active exception" (SIGABRT, exit code -6) at random, after
+    the run has finished. So every rank destroys its group here, after a barrier (on success) so
+    that no peer is still inside a collective; and the W&B run is finished so its service exits.
+    """
+    if dist.is_available() and dist.is_initialized():
+        if ok:
+            dist.barrier()
+        dist.destroy_process_group()
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:
+        wandb.finish(exit_code=0 if ok else 1)
+
+
 def main(args: list[str] | None = None) -> CnnlabCLI:
+    ok = False
     try:
-        return CnnlabCLI(
+        cli = CnnlabCLI(
             subclass_mode_model=True,
             subclass_mode_data=True,
             trainer_defaults={"default_root_dir": "runs"},
@@ -129,11 +150,15 @@ def main(args: list[str] | None = None) -> CnnlabCLI:
             parser_kwargs={"description": __doc__, "formatter_class": HelpFormatter},
             args=args,
         )
+        ok = True
+        return cli
     except Exception as err:
         cause = user_error(err)
         if cause is None or os.environ.get("CNNLAB_DEBUG"):  # a bug, not bad input: full traceback
             raise
         sys.exit(f"error: {cause}  (CNNLAB_DEBUG=1 shows the traceback)")
+    finally:
+        close_run(ok=ok)
 
 
 if __name__ == "__main__":
