@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import sys
 import traceback
 import warnings
@@ -26,10 +27,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone
 from jsonargparse import DefaultHelpFormatter  # noqa: E402
 from lightning.pytorch import Trainer  # noqa: E402
 from lightning.pytorch.callbacks import LearningRateMonitor, RichProgressBar  # noqa: E402
-from lightning.pytorch.cli import LightningCLI  # noqa: E402
-from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger  # noqa: E402
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback  # noqa: E402
+from lightning.pytorch.loggers import Logger, WandbLogger  # noqa: E402
+from lightning.pytorch.utilities.rank_zero import rank_zero_only  # noqa: E402
 
 from lit_modules.callbacks import BestAndLastCheckpoint, MetricsJSON, PredictionsJSON  # noqa: E402
+from lit_modules.runs import (  # noqa: E402
+    WANDB_ID_FILE,
+    AtomicCheckpointIO,
+    Resume,
+    RunCSVLogger,
+    RunState,
+    find_resume,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 WANDB_MODES = ("offline", "online", "disabled")
@@ -37,22 +47,63 @@ WANDB_MODES = ("offline", "online", "disabled")
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
 
 
-def default_loggers(root: str, name: str, wandb: str, project: str) -> list[Logger]:
-    """CSV logger (it fixes the run dir) and a W&B logger writing into the same dir."""
-    csv = CSVLogger(save_dir=root, name=name)
+def wandb_run_id(run_dir: Path) -> str:
+    """The W&B run id of a run directory: the stored one (a resumed run), or a new one stored."""
+    path = run_dir / WANDB_ID_FILE
+    if path.is_file():
+        return path.read_text().strip()
+    # `secrets`, not `random`: seed_everything has seeded `random`, every run would get one id
+    run_id = secrets.token_hex(4)
+    if rank_zero_only.rank == 0:  # other ranks may see another version dir; they log nothing
+        path.write_text(run_id + "\n")
+    return run_id
+
+
+def default_loggers(
+    root: str, name: str, wandb: str, project: str, *, resume_dir: Path | None = None
+) -> list[Logger]:
+    """CSV logger (it fixes the run dir) and a W&B logger writing into the same dir.
+
+    `resume_dir` (a resumed fit): the same `version_N`, `metrics.csv` appended, same W&B run id.
+    """
+    if resume_dir is not None:
+        name = resume_dir.parent.name
+        csv = RunCSVLogger(save_dir=resume_dir.parent.parent, name=name, version=resume_dir.name)
+    else:
+        csv = RunCSVLogger(save_dir=root, name=name)
     loggers: list[Logger] = [csv]
     if wandb != "disabled":
         os.environ.setdefault("WANDB_SILENT", "true")
         _ = csv.experiment  # creates the (empty) run dir before W&B writes into it
+        run_dir = Path(csv.log_dir)
         loggers.append(
             WandbLogger(
-                project=project, name=name, save_dir=csv.log_dir, offline=wandb == "offline"
+                project=project,
+                name=name,
+                save_dir=str(run_dir),
+                offline=wandb == "offline",
+                id=wandb_run_id(run_dir),
+                resume="allow",
             )
         )
     return loggers
 
 
+class KeepConfigs(SaveConfigCallback):
+    """Saves `config.yaml`; a resumed fit adds `config.resumed-K.yaml` instead of replacing it."""
+
+    def setup(self, trainer: Trainer, pl_module: Any, stage: str) -> None:
+        log_dir = Path(trainer.log_dir or trainer.default_root_dir)  # a collective: every rank
+        k = 0
+        while not self.already_saved and (log_dir / self.config_filename).exists():
+            k += 1
+            self.config_filename = f"config.resumed-{k}.yaml"
+        super().setup(trainer, pl_module, stage)
+
+
 class CnnlabCLI(LightningCLI):
+    resume: Resume | None = None
+
     def add_arguments_to_parser(self, parser: Any) -> None:
         parser.add_argument(
             "--name",
@@ -76,23 +127,49 @@ class CnnlabCLI(LightningCLI):
         configs = cfg.get("config") or []
         if configs:
             return Path(str(configs[-1])).stem
-        model = self.model.__class__.__name__
-        return model.lower()
+        model = cfg.get("model")
+        class_path = getattr(model, "class_path", None) or type(self.model).__name__
+        return str(class_path).rsplit(".", 1)[-1].lower()
+
+    def before_instantiate_classes(self) -> None:
+        """Resolve `--ckpt_path last` / a requeue's checkpoint and check the file before any work."""
+        if not self.subcommand or "ckpt_path" not in self.config[self.subcommand]:
+            return
+        cfg = self.config[self.subcommand]
+        root = Path(self._get(self.config, "trainer.default_root_dir", default=None) or "runs")
+        self.resume = find_resume(
+            cfg.get("ckpt_path"), root=root, name=self._run_name(cfg), fit=self.subcommand == "fit"
+        )
+        if cfg.get("ckpt_path") == "last" or self.resume is not None:
+            cfg["ckpt_path"] = str(self.resume.ckpt) if self.resume else None
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         cfg = self.config[self.subcommand] if self.subcommand else self.config
         trainer_cfg = self._get(self.config_init, "trainer", default={})
         if trainer_cfg.get("logger") in (None, True):
             root = trainer_cfg.get("default_root_dir") or "runs"
+            resume_dir = self.resume.run_dir if self.resume else None
             kwargs["logger"] = default_loggers(
-                root, self._run_name(cfg), cfg.get("wandb"), cfg.get("wandb_project")
+                root,
+                self._run_name(cfg),
+                cfg.get("wandb"),
+                cfg.get("wandb_project"),
+                resume_dir=resume_dir,
             )
-        callbacks = [BestAndLastCheckpoint(), MetricsJSON(), PredictionsJSON()]
+        seed = cfg.get("seed_everything")
+        callbacks = [
+            BestAndLastCheckpoint(),
+            MetricsJSON(),
+            PredictionsJSON(),
+            RunState(seed if type(seed) is int else None),  # bool seeds: no seeding asked for
+        ]
         if kwargs.get("logger") or trainer_cfg.get("logger"):
             callbacks.append(LearningRateMonitor(logging_interval="step"))
         if trainer_cfg.get("enable_progress_bar", True) is not False:
             callbacks.append(RichProgressBar())
         kwargs["callbacks"] = [*(trainer_cfg.get("callbacks") or []), *callbacks]
+        if not trainer_cfg.get("plugins"):
+            kwargs["plugins"] = [AtomicCheckpointIO()]
         return super().instantiate_trainer(**kwargs)
 
 
@@ -146,6 +223,7 @@ def main(args: list[str] | None = None) -> CnnlabCLI:
             subclass_mode_model=True,
             subclass_mode_data=True,
             trainer_defaults={"default_root_dir": "runs"},
+            save_config_callback=KeepConfigs,
             save_config_kwargs={"overwrite": True},
             parser_kwargs={"description": __doc__, "formatter_class": HelpFormatter},
             args=args,

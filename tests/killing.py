@@ -1,0 +1,23 @@
+"""A callback that kills its own process mid-epoch: the crash a resumed run must recover from."""
+
+from __future__ import annotations
+
+import os
+import signal
+from typing import Any
+
+from lightning.pytorch import Callback, LightningModule, Trainer
+
+
+class KillAt(Callback):
+    """SIGKILL at (epoch, batch): no cleanup, no checkpoint, no flush, as when a node dies."""
+
+    def __init__(self, epoch: int, batch: int) -> None:
+        self.epoch, self.batch = epoch, batch
+
+    def on_train_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if trainer.current_epoch == self.epoch and batch_idx == self.batch:
+            os.kill(os.getpid(), signal.SIGKILL)
+
