@@ -4,12 +4,14 @@ Images go through ImageNet preprocessing (the statistics the pretrained backbone
 with). Nothing here downloads unless `download: true`, and then only in `prepare_data` (local rank
 0), so DDP ranks never race on the same archive. Data sets without a val split (CIFAR, Pets) hold
 out a seeded, fixed fraction of their train split: the same images on every rank and every run.
+
+Each stage reads only its splits (`fit` train + val, `validate` val, `test` / `predict` test):
+evaluating a checkpoint needs only the evaluated split on disk.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Literal
 
@@ -22,21 +24,17 @@ from torchvision import datasets
 from torchvision.datasets.folder import find_classes
 from torchvision.transforms import v2
 
-from datamodules.common import make_loader
+from datamodules.common import SPLIT_STAGE, make_loader, stage_needs, stage_splits
+from datamodules.formats.image import find_bad_images, open_image, to_mode
 
 DatasetName = Literal["cifar10", "cifar100", "pets", "flowers102", "imagefolder"]
 NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "pets": 37, "flowers102": 102}
 _HOLDOUT = ("cifar10", "cifar100", "pets")  # no val split on disk: held out of train
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 SPLITS = ("train", "val", "test")
-_STAGE_SPLITS = {
-    "fit": ("train", "val"),
-    "validate": ("val",),
-    "test": ("test",),
-    "predict": ("test",),
-}
 _IMAGEFOLDER_LAYOUT = (
-    "root/train/<class>/*.jpg, root/val/<class>/*.jpg, optional root/test/<class>/*.jpg"
+    "root/train/<class>/*.jpg, root/val/<class>/*.jpg, optional root/test/<class>/*.jpg "
+    "(each stage needs only the folders it reads)"
 )
 
 
@@ -52,20 +50,30 @@ def _no_md5(files: list[list[str]]) -> list[list[str | None]]:
     return [[name, None] for name, _ in files]
 
 
+def _split_files_exist(dataset: datasets.CIFAR10) -> bool:
+    """Only the files of the split being loaded: torchvision requires the train and test files
+    even to load test, so a checkpoint could not be evaluated on the test batch alone."""
+    base = Path(dataset.root) / dataset.base_folder
+    files = dataset.train_list if dataset.train else dataset.test_list
+    return all((base / name).is_file() for name, _ in files)
+
+
 class CIFAR10(datasets.CIFAR10):
-    """torchvision's CIFAR-10 that checks its files exist instead of their md5 on every load."""
+    """torchvision's CIFAR-10 that checks its split's files exist instead of their md5."""
 
     train_list = _no_md5(datasets.CIFAR10.train_list)
     test_list = _no_md5(datasets.CIFAR10.test_list)
     meta = {**datasets.CIFAR10.meta, "md5": None}
+    _check_integrity = _split_files_exist
 
 
 class CIFAR100(datasets.CIFAR100):
-    """torchvision's CIFAR-100 that checks its files exist instead of their md5 on every load."""
+    """torchvision's CIFAR-100 that checks its split's files exist instead of their md5."""
 
     train_list = _no_md5(datasets.CIFAR100.train_list)
     test_list = _no_md5(datasets.CIFAR100.test_list)
     meta = {**datasets.CIFAR100.meta, "md5": None}
+    _check_integrity = _split_files_exist
 
 
 class Flowers102(datasets.Flowers102):
@@ -76,71 +84,35 @@ class Flowers102(datasets.Flowers102):
         return self._images_folder.is_dir() and all(p.is_file() for p in mats)
 
 
-def _required_paths(dataset: str, root: Path) -> list[Path]:
-    """The files and folders `dataset` needs under `root` (what torchvision reads on load)."""
-    if dataset == "cifar10":
-        base = root / CIFAR10.base_folder
-        files = CIFAR10.train_list + CIFAR10.test_list
-        names = [n for n, _ in files] + [CIFAR10.meta["filename"]]
-    elif dataset == "cifar100":
-        base = root / CIFAR100.base_folder
-        files = CIFAR100.train_list + CIFAR100.test_list
-        names = [n for n, _ in files] + [CIFAR100.meta["filename"]]
+def _required_paths(dataset: str, root: Path, on_disk: str) -> list[Path]:
+    """The files and folders that torchvision reads to load `on_disk` of `dataset` under `root`."""
+    if dataset in ("cifar10", "cifar100"):
+        cls = CIFAR10 if dataset == "cifar10" else CIFAR100
+        files = cls.train_list if on_disk == "train" else cls.test_list
+        base, names = root / cls.base_folder, [n for n, _ in files] + [cls.meta["filename"]]
     elif dataset == "pets":
-        base = root / "oxford-iiit-pet"
-        names = ["images", "annotations/trainval.txt", "annotations/test.txt"]
-    elif dataset == "flowers102":
-        base = root / "flowers-102"
-        names = ["jpg", "imagelabels.mat", "setid.mat"]
-    else:  # imagefolder; test/ is optional
-        base, names = root, ["train", "val"]
+        base, names = root / "oxford-iiit-pet", ["images", f"annotations/{on_disk}.txt"]
+    elif dataset == "flowers102":  # one .mat file holds every split's ids
+        base, names = root / "flowers-102", ["jpg", "imagelabels.mat", "setid.mat"]
+    else:  # imagefolder
+        base, names = root, [on_disk]
     return [base / n for n in names]
 
 
-def _check_present(dataset: str, root: Path) -> None:
-    """Raise a FileNotFoundError naming the first missing file and how to get it."""
-    missing = [p for p in _required_paths(dataset, root) if not p.exists()]
+def _check_present(dataset: str, root: Path, split: str, on_disk: str, stage: str | None) -> None:
+    """Raise a FileNotFoundError naming the stage, the first missing file and how to get it."""
+    missing = [p for p in _required_paths(dataset, root, on_disk) if not p.exists()]
     if not missing:
         return
     if dataset == "imagefolder":
         hint = f"lay out `root` as {_IMAGEFOLDER_LAYOUT}"
     else:
         hint = f"pass `download: true` to fetch it into {root} (or point `root` where it is)"
-    raise FileNotFoundError(f"{dataset}: {missing[0]} not found ({len(missing)} missing); {hint}")
+    what = f"{missing[0]} not found ({len(missing)} missing); {hint}"
+    raise FileNotFoundError(stage_needs(dataset, stage, split, what))
 
 
 # ----------------------------------------------------------------------------- images
-
-
-def _image_error(path: str) -> str | None:
-    """Why `path` is not a readable image, or None. Cheap: no full decode in the common case.
-
-    `verify()` parses the header (and checks PNG chunk CRCs) without decoding pixels, which
-    catches non-images and most broken files, but not a JPEG cut off mid-scan. A complete JPEG
-    ends with the EOI marker, so only a JPEG without one is decoded (at 1/8 scale) to be sure.
-    """
-    try:
-        with Image.open(path) as im:
-            fmt = im.format
-            im.verify()
-        if fmt == "JPEG":
-            with open(path, "rb") as f:
-                f.seek(-2, 2)
-                complete = f.read() == b"\xff\xd9"
-            if not complete:
-                with Image.open(path) as im:
-                    im.draft("RGB", (1, 1))
-                    im.load()
-    except (OSError, SyntaxError, ValueError, EOFError) as err:
-        return f"{type(err).__name__}: {err}"
-    return None
-
-
-def find_bad_images(paths: Sequence[str]) -> dict[str, str]:
-    """{path: reason} for every path that is not a readable image (threads: the work is I/O)."""
-    with ThreadPoolExecutor() as pool:
-        errors = list(pool.map(_image_error, paths))
-    return {p: e for p, e in zip(paths, errors, strict=True) if e is not None}
 
 
 def imagenet_transform(image_size: int, *, train: bool, augment: bool = True) -> v2.Compose:
@@ -178,8 +150,8 @@ class _Split(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         image, label = self.base[self.indices[i]]
         if isinstance(image, Image.Image) and image.mode != "RGB":
-            # Grayscale, palette, CMYK and RGBA files exist in real data sets.
-            image = image.convert("RGB")
+            # Grayscale, palette, CMYK, RGBA and 16-bit files exist in real data sets.
+            image = to_mode(image, 3)
         return self.transform(image), int(label)  # (3, S, S) float32, class index
 
 
@@ -196,10 +168,17 @@ def holdout_split(n: int, fraction: float, seed: int) -> tuple[list[int], list[i
 
 
 def _imagefolder_classes(root: Path) -> list[str]:
-    """Class names of an imagefolder: the sorted folder names under root/train."""
-    _check_present("imagefolder", root)
+    """Class names of an imagefolder: the sorted folder names under root/train, or, to evaluate
+    without train/, under the first of val/ and test/ that exists (it must then hold one folder
+    per class of the model: torchvision's ImageFolder numbers the sorted folder names)."""
+    folder = next((root / s for s in SPLITS if (root / s).is_dir()), None)
+    if folder is None:
+        raise FileNotFoundError(
+            f"imagefolder: none of {root}/train, val, test exists; lay out `root` as "
+            f"{_IMAGEFOLDER_LAYOUT}"
+        )
     try:
-        return find_classes(root / "train")[0]
+        return find_classes(folder)[0]
     except FileNotFoundError as err:
         raise FileNotFoundError(f"imagefolder: {err} Expected {_IMAGEFOLDER_LAYOUT}") from err
 
@@ -212,7 +191,9 @@ class ClassificationDataModule(LightningDataModule):
     its own train/val/test. `imagefolder` reads `root/{train,val,test}/<class>/*`; without test/,
     test uses val/ (with a warning). Imagefolder files are checked once at setup (a header parse,
     see `find_bad_images`): an unreadable one raises an error naming it, or with
-    `skip_bad_images` is dropped, listed in `skipped_images` and reported in a warning.
+    `skip_bad_images` is dropped, listed in `skipped_images` and counted in one warning per
+    folder. Images of any mode (grayscale, RGBA, CMYK, 16-bit) are converted to 8-bit RGB
+    (`datamodules.formats.image`). Each stage needs only the splits it reads.
     """
 
     def __init__(
@@ -258,12 +239,13 @@ class ClassificationDataModule(LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         """Build the splits `stage` needs (all three when stage is None); cached across calls."""
-        _check_present(self.hparams.dataset, self.root)
-        if self.hparams.dataset == "imagefolder" and not self.class_names:
+        todo = {s: self._on_disk(s) for s in stage_splits(stage) if s not in self._splits}
+        for split, on_disk in todo.items():  # every missing file first, before any is read
+            _check_present(self.hparams.dataset, self.root, split, on_disk, stage)
+        if todo and self.hparams.dataset == "imagefolder" and not self.class_names:
             self.class_names = _imagefolder_classes(self.root)  # every split must match these
-        for split in _STAGE_SPLITS.get(stage or "", SPLITS):
-            if split not in self._splits:
-                self._splits[split] = self._build(split)
+        for split, on_disk in todo.items():
+            self._splits[split] = self._build(split, on_disk)
 
     # --------------------------------------------------------------- building
 
@@ -272,8 +254,11 @@ class ClassificationDataModule(LightningDataModule):
         hp = self.hparams
         if hp.dataset in _HOLDOUT and split != "test":
             return "trainval" if hp.dataset == "pets" else "train"
-        if hp.dataset == "imagefolder" and split == "test" and not (self.root / "test").is_dir():
-            rank_zero_warn(f"imagefolder: no {self.root / 'test'} folder, so `test` evaluates val/")
+        root = self.root
+        if hp.dataset == "imagefolder" and split == "test" and not (root / "test").is_dir():
+            if not (root / "val").is_dir():
+                return "test"  # neither: the error names test/
+            rank_zero_warn(f"imagefolder: no {root / 'test'} folder, so `test` evaluates val/")
             return "val"
         return split
 
@@ -294,8 +279,8 @@ class ClassificationDataModule(LightningDataModule):
 
     def _load_imagefolder(self, folder: Path) -> datasets.ImageFolder:
         """An ImageFolder whose files all open as images (or raise, naming the first bad one)."""
-        try:
-            ds = datasets.ImageFolder(str(folder))
+        try:  # our reader: any mode -> RGB (16-bit scaled), an error naming an unreadable file
+            ds = datasets.ImageFolder(str(folder), loader=open_image)
         except FileNotFoundError as err:  # no class folders, or a class folder without images
             msg = f"imagefolder: {folder}: {err} Expected {_IMAGEFOLDER_LAYOUT}"
             raise FileNotFoundError(msg) from err
@@ -334,9 +319,9 @@ class ClassificationDataModule(LightningDataModule):
             self._bases[on_disk] = base
         return self._bases[on_disk]
 
-    def _build(self, split: str) -> _Split:
+    def _build(self, split: str, on_disk: str) -> _Split:
         hp = self.hparams
-        base = self._base(self._on_disk(split))
+        base = self._base(on_disk)
         indices = list(range(len(base)))
         if hp.dataset in _HOLDOUT and split != "test":
             train_idx, val_idx = holdout_split(len(base), hp.val_fraction, hp.seed)
@@ -350,7 +335,7 @@ class ClassificationDataModule(LightningDataModule):
 
     def _loader(self, split: str) -> DataLoader:
         if split not in self._splits:  # called outside a Trainer, without setup()
-            self.setup({"train": "fit", "val": "validate", "test": "test"}[split])
+            self.setup(SPLIT_STAGE[split])
         hp = self.hparams
         return make_loader(
             self._splits[split],

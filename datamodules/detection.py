@@ -11,7 +11,11 @@ scale jitter (large-scale jitter: resize by a random factor, then crop / pad to 
 as torchvision's v2 recipe does; a plain resize would be undone by the model's own resize).
 Boxes that augmentation pushes out of the image are removed by `SanitizeBoundingBoxes`; boxes
 that are degenerate on disk are clipped / dropped by the readers with a counted warning
-(`datamodules.formats.coco`).
+(`datamodules.formats.coco`). Pixels are read per item by `datamodules.formats.image` (any mode
+-> RGB; an unreadable file is an error naming it and its image id).
+
+Each stage reads only its splits: `fit` train_split + val_split, `validate` val_split, `test` and
+`predict` test_split (else val_split). Evaluating a checkpoint needs no training data.
 """
 
 from __future__ import annotations
@@ -25,12 +29,12 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import BatchSampler, ConcatDataset, DataLoader, Dataset, Sampler
 from torchvision import tv_tensors
-from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 
-from datamodules.common import make_loader
+from datamodules.common import SPLIT_STAGE, make_loader, stage_needs, stage_splits
 from datamodules.digits import DigitCanvas
 from datamodules.formats.coco import ImageRecord, read_coco
+from datamodules.formats.image import open_image
 from datamodules.formats.voc import VOC_CLASSES, read_voc
 
 # The digit scenes of the `digits` source and of scripts/make_digit_canvases.py: small canvases,
@@ -101,13 +105,11 @@ class RecordDataset(_Detection):
         self, index: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
         r = self.records[index]
-        try:
-            image = decode_image(str(r.file), mode=ImageReadMode.RGB)  # (3, H, W) uint8
-        except (RuntimeError, OSError) as err:
-            raise ValueError(f"image id {r.image_id}: cannot read {r.file}: {err}") from err
+        pil = open_image(r.file, record=f"image id {r.image_id}")  # RGB, or an OSError naming it
+        image = v2.functional.pil_to_tensor(pil)  # (3, H, W) uint8
         if tuple(image.shape[-2:]) != (r.height, r.width):
             raise ValueError(
-                f"image id {r.image_id}: {r.file} is {image.shape[-1]}x{image.shape[-2]} but its "
+                f"{r.file} (image id {r.image_id}) is {image.shape[-1]}x{image.shape[-2]} but its "
                 f"annotation says {r.width}x{r.height}: the boxes would not match the pixels"
             )
         return (
@@ -175,6 +177,21 @@ def _as_list(split: str | Sequence[str] | None) -> list[str]:
     return [] if split is None else [split] if isinstance(split, str) else list(split)
 
 
+def check_unique_ids(parts: list[RecordDataset]) -> None:
+    """Evaluation splits read from several files must not share an image id: the mAP (and
+    predictions.json) match detections to ground truth by image id, so two images under one id
+    would be scored against each other's boxes."""
+    seen: dict[int, Path] = {}
+    for part in parts:
+        for r in part.records:
+            if r.image_id in seen:
+                raise ValueError(
+                    f"image id {r.image_id} of {r.file} is also the id of {seen[r.image_id]}: "
+                    "the splits of one evaluation set must not share image ids"
+                )
+            seen[r.image_id] = r.file
+
+
 class DetectionDataModule(LightningDataModule):
     """Detection data from `source`: `digits` (made on the fly), `coco` or `voc`.
 
@@ -185,7 +202,9 @@ class DetectionDataModule(LightningDataModule):
     - voc: `root/VOC<year>` (or `root/VOCdevkit/VOC<year>`), splits as `"<year>/<image set>"`,
       e.g. train_split ["2007/trainval", "2012/trainval"], test_split "2007/test"; `classes`
       (default VOC's 20) give labels 1..K. `difficult` objects are iscrowd: ignored by the mAP.
-    A list of splits is concatenated. `test_split` null: test on `val_split`.
+    A list of splits is concatenated. `test_split` null: test on `val_split`. Each stage needs only
+    the splits it reads (`fit`: train_split, val_split; `validate`: val_split; `test`, `predict`:
+    test_split or val_split), checked in `setup(stage)`.
     """
 
     def __init__(
@@ -216,10 +235,6 @@ class DetectionDataModule(LightningDataModule):
         super().__init__()
         if source not in ("digits", "coco", "voc"):
             raise ValueError(f"unknown source {source!r}; valid: digits, coco, voc")
-        if source != "digits" and (
-            root is None or not _as_list(train_split) or not _as_list(val_split)
-        ):
-            raise ValueError(f"source {source!r} needs root, train_split and val_split")
         if scale_jitter is not None and (crop_size is None and source != "digits"):
             raise ValueError("scale_jitter needs crop_size (the fixed square it crops / pads to)")
         if scale_jitter is not None and not 0 < scale_jitter[0] <= scale_jitter[1]:
@@ -299,32 +314,43 @@ class DetectionDataModule(LightningDataModule):
             )
         return read_voc(root, year, image_set, classes=self.classes or VOC_CLASSES)
 
-    def _build(self, name: str) -> Dataset:
+    def _splits_of(self, name: str, stage: str | None) -> list[str]:
+        """The on-disk splits of `name` (train / val / test), or a clear error naming the option."""
+        hp = self.hparams
+        owner = f"DetectionDataModule(source={hp.source!r})"
+        option = {"train": "train_split", "val": "val_split", "test": "test_split"}[name]
+        splits = _as_list(getattr(hp, option))
+        if name == "test" and not splits:
+            splits, option = _as_list(hp.val_split), "test_split (or val_split)"
+        if not splits:
+            raise ValueError(
+                stage_needs(owner, stage, name, f"`{option}` is not set")
+                + " (fit reads train_split and val_split; validate val_split; test and predict "
+                "test_split, else val_split)"
+            )
+        if hp.root is None:
+            raise ValueError(stage_needs(owner, stage, name, "`root` is not set"))
+        return splits
+
+    def _build(self, name: str, stage: str | None) -> Dataset:
         hp = self.hparams
         train = name == "train"
         if hp.source == "digits":
-            length = hp.train_length if train else hp.eval_length
-            return self._digits(
-                {"train": "train", "val": "val", "test": "test"}[name], length, train
-            )
-        split = {
-            "train": hp.train_split,
-            "val": hp.val_split,
-            "test": hp.test_split or hp.val_split,
-        }[name]
-        parts = [RecordDataset(self._records(s), self._transform(train)) for s in _as_list(split)]
+            return self._digits(name, hp.train_length if train else hp.eval_length, train)
+        splits = self._splits_of(name, stage)
+        parts = [RecordDataset(self._records(s), self._transform(train)) for s in splits]
+        if not train and len(parts) > 1:
+            check_unique_ids(parts)
         return parts[0] if len(parts) == 1 else ConcatDataset(parts)
 
     def setup(self, stage: str | None = None) -> None:
-        wanted = {
-            "fit": ("train", "val"),
-            "validate": ("val",),
-            "test": ("test",),
-            "predict": ("test",),
-        }
-        for name in wanted.get(stage or "", ("train", "val", "test")):
-            if name not in self._sets:
-                self._sets[name] = self._build(name)
+        """Build the splits `stage` reads (all three when stage is None); cached across calls."""
+        todo = [name for name in stage_splits(stage) if name not in self._sets]
+        if self.hparams.source != "digits":
+            for name in todo:  # every missing option first, before a large json is read
+                self._splits_of(name, stage)
+        for name in todo:
+            self._sets[name] = self._build(name, stage)
 
     # ------------------------------------------------------------------ loaders
 
@@ -332,9 +358,14 @@ class DetectionDataModule(LightningDataModule):
         parts = ds.datasets if isinstance(ds, ConcatDataset) else [ds]
         return [int(r >= 1.0) for p in parts for r in p.aspect_ratios()]
 
+    def _set(self, name: str) -> Dataset:
+        if name not in self._sets:  # a loader asked for outside a Trainer, without setup()
+            self.setup(SPLIT_STAGE[name])
+        return self._sets[name]
+
     def train_dataloader(self) -> DataLoader:
         hp = self.hparams
-        ds = self._sets["train"]
+        ds = self._set("train")
         if not hp.group_aspect_ratio:
             return make_loader(
                 ds,
@@ -358,7 +389,7 @@ class DetectionDataModule(LightningDataModule):
     def _eval_loader(self, name: str) -> DataLoader:
         hp = self.hparams
         return make_loader(
-            self._sets[name],
+            self._set(name),
             batch_size=hp.eval_batch_size or hp.batch_size,
             num_workers=hp.num_workers,
             train=False,

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Literal
 
@@ -20,15 +19,15 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_warn
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import datasets
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import v2
 
 from datamodules.classification import CIFAR10, holdout_split
-from datamodules.common import make_loader
+from datamodules.common import SPLIT_STAGE, make_loader, stage_needs, stage_splits
 from datamodules.digits import load_mnist5k
+from datamodules.formats.image import open_image, scan_images, to_mode
 
 DatasetName = Literal["digits", "imagefolder", "lsun", "celeba", "cifar10"]
 DATASETS = ("digits", "imagefolder", "lsun", "celeba", "cifar10")
@@ -57,35 +56,6 @@ def image_transform(image_size: int, channels: int) -> v2.Compose:
             v2.Normalize([0.5] * channels, [0.5] * channels),  # [0, 1] -> [-1, 1]
         ]
     )
-
-
-def to_mode(image: Image.Image, channels: int) -> Image.Image:
-    """Any PIL mode -> RGB (channels 3) or L (channels 1); transparency is composited on black."""
-    want = "RGB" if channels == 3 else "L"
-    if image.mode == want:
-        return image
-    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
-        rgba = image.convert("RGBA")
-        image = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
-        image.alpha_composite(rgba)
-    return image.convert(want)
-
-
-def _header(path: str) -> str:
-    """The image mode of `path` from its header, or `error: ...` when it is not a readable image."""
-    try:
-        with Image.open(path) as im:
-            mode = im.mode
-            im.verify()
-        return mode
-    except (OSError, SyntaxError, ValueError, EOFError) as err:
-        return f"error: {type(err).__name__}: {err}"
-
-
-def scan_images(paths: Sequence[str]) -> dict[str, str]:
-    """{path: mode} for every file (threads: header reads are I/O bound); `error: ...` if unreadable."""
-    with ThreadPoolExecutor() as pool:
-        return dict(zip(paths, pool.map(_header, paths), strict=True))
 
 
 def list_images(root: Path) -> list[str]:
@@ -159,8 +129,8 @@ class _Files(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        with Image.open(self.paths[i]) as im:
-            return self.transform(to_mode(im, self.channels))
+        # any mode -> RGB / L (16-bit scaled); an unreadable file is an OSError naming it
+        return self.transform(open_image(self.paths[i], channels=self.channels))
 
 
 class _Subset(Dataset):
@@ -210,10 +180,12 @@ class ImageDataModule(LightningDataModule):
     - `digits`: the embedded MNIST-5k split (train 4,000 / val 500 / test 500), 28x28 padded with
       2 black pixels to 32x32 (64: then resized), one channel (3: repeated).
     - `imagefolder` / `lsun`: every image under `root` (any sub-folders; class folders are
-      ignored). `root/train` and `root/val` (optional `root/test`) are used when present;
-      otherwise `val_fraction` is held out (seeded). Headers are checked at setup: an unreadable
-      file is an error naming it; modes other than RGB (L, P, RGBA, CMYK...) are converted, or
-      rejected with `mixed_modes: error`.
+      ignored). With split folders under root (`train/`, `val/`, optional `test/`; test falls
+      back to val/), each stage reads only its own; otherwise `val_fraction` of every image is
+      held out (seeded). Headers are checked at setup: an unreadable (corrupt, truncated) file
+      is an error naming it; modes other than the wanted one (L, P, RGBA, CMYK, 16-bit...) are
+      converted (`datamodules.formats.image`) with one warning giving the count, or rejected
+      with `mixed_modes: error`.
     - `celeba`: torchvision's layout under `root/celeba`, its train/valid/test split, resized
       and centre-cropped to `image_size` (64 in DCGAN's experiments).
     - `cifar10`: train split for training, test split (10,000) for val and test.
@@ -277,7 +249,11 @@ class ImageDataModule(LightningDataModule):
             CelebA(str(self.root), split="all", target_type=[], download=True)
 
     def setup(self, stage: str | None = None) -> None:
-        if self._sets:
+        """Build the splits `stage` reads (all three when stage is None); cached across calls.
+
+        `predict` reads no images at all: it feeds sample indices (see `predict_dataloader`).
+        """
+        if stage == "predict":
             return
         builders = {
             "digits": self._digits,
@@ -286,73 +262,81 @@ class ImageDataModule(LightningDataModule):
             "celeba": self._celeba,
             "cifar10": self._cifar10,
         }
-        sets = builders[self.hparams.dataset]()
         limit = self.hparams.max_eval_samples
-        for split in ("val", "test"):
-            if limit is not None and len(sets[split]) > limit:
-                sets[split] = torch.utils.data.Subset(sets[split], range(limit))
-        self._sets = sets
+        for split in stage_splits(stage):
+            if split in self._sets:
+                continue
+            data = builders[self.hparams.dataset](split, stage)
+            if split != "train" and limit is not None and len(data) > limit:
+                data = torch.utils.data.Subset(data, range(limit))
+            self._sets[split] = data
 
     # --------------------------------------------------------------- builders
 
-    def _digits(self) -> dict[str, Dataset]:
-        return {s: _Tensors(digits_images(s, self.image_size, self.channels)) for s in SPLITS}
+    def _digits(self, split: str, stage: str | None) -> Dataset:
+        return _Tensors(digits_images(split, self.image_size, self.channels))
 
-    def _folder(self) -> dict[str, Dataset]:
+    def _folder_files(self, split: str, stage: str | None) -> list[str]:
+        """The image files of `split`: root/<split> when root has split folders, else a seeded
+        hold-out of every image under root (test = val)."""
         hp = self.hparams
         if not self.root.is_dir():
             hint = f"; {_LSUN_HINT}" if hp.dataset == "lsun" else ""
             raise FileNotFoundError(f"{hp.dataset}: image folder {self.root} does not exist{hint}")
-        if (self.root / "train").is_dir() and (self.root / "val").is_dir():
-            files = {s: list_images(self.root / s) for s in ("train", "val")}
-            test = self.root / "test"
-            files["test"] = list_images(test) if test.is_dir() else files["val"]
-        else:
-            every = list_images(self.root)
-            train_idx, val_idx = holdout_split(len(every), hp.val_fraction, hp.seed)
-            files = {"train": [every[i] for i in train_idx], "val": [every[i] for i in val_idx]}
-            files["test"] = files["val"]
-        if hp.check_images:
-            for split in ("train", "val", "test"):
-                check_modes(self.root, scan_images(files[split]), self.channels, hp.mixed_modes)
-        transform = image_transform(self.image_size, self.channels)
-        return {s: _Files(f, transform, self.channels) for s, f in files.items()}
+        if any((self.root / s).is_dir() for s in SPLITS):
+            folder = self.root / split
+            if split == "test" and not folder.is_dir():
+                folder = self.root / "val"  # no test/: test evaluates val/, as the FID does
+            if not folder.is_dir():
+                what = f"{folder} does not exist (root has split folders: each stage reads its own)"
+                raise FileNotFoundError(stage_needs(hp.dataset, stage, split, what))
+            return list_images(folder)
+        every = list_images(self.root)
+        train_idx, val_idx = holdout_split(len(every), hp.val_fraction, hp.seed)
+        return [every[i] for i in (train_idx if split == "train" else val_idx)]
 
-    def _celeba(self) -> dict[str, Dataset]:
+    def _folder(self, split: str, stage: str | None) -> Dataset:
+        hp = self.hparams
+        files = self._folder_files(split, stage)
+        if hp.check_images:
+            check_modes(self.root, scan_images(files), self.channels, hp.mixed_modes)
+        return _Files(files, image_transform(self.image_size, self.channels), self.channels)
+
+    def _celeba(self, split: str, stage: str | None) -> Dataset:
         base = self.root / CelebA.base_folder
+        on_disk = {"train": "train", "val": "valid", "test": "test"}[split]
         try:
-            parts = {
-                s: CelebA(str(self.root), split=on_disk, target_type=[], download=False)
-                for s, on_disk in (("train", "train"), ("val", "valid"), ("test", "test"))
-            }
+            data = CelebA(str(self.root), split=on_disk, target_type=[], download=False)
         except RuntimeError as err:  # torchvision: "Dataset not found or corrupted"
             raise FileNotFoundError(
                 f"celeba: {base} must hold img_align_celeba/ and the list_*.txt / identity_CelebA.txt "
                 f"files ({err}); pass `download: true` or point `root` at them"
             ) from err
         transform = image_transform(self.image_size, self.channels)
-        return {s: _Subset(d, range(len(d)), transform, self.channels) for s, d in parts.items()}
+        return _Subset(data, range(len(data)), transform, self.channels)
 
-    def _cifar10(self) -> dict[str, Dataset]:
+    def _cifar10(self, split: str, stage: str | None) -> Dataset:
+        """Train on CIFAR-10's train batches; validate and test on its test batch (only the
+        batches of the split being read must be on disk)."""
         base = self.root / CIFAR10.base_folder
         if not base.is_dir():
             raise FileNotFoundError(
                 f"cifar10: {base} not found; pass `download: true` to fetch it into {self.root}"
             )
-        train = CIFAR10(str(self.root), train=True, download=False)
-        test = CIFAR10(str(self.root), train=False, download=False)
+        train = split == "train"
+        try:
+            data = CIFAR10(str(self.root), train=train, download=False)
+        except RuntimeError as err:  # torchvision: "Dataset not found or corrupted"
+            what = f"its {'train' if train else 'test'} batches are not all in {base} ({err})"
+            raise FileNotFoundError(stage_needs("cifar10", stage, split, what)) from err
         transform = image_transform(self.image_size, self.channels)
-        val = _Subset(test, range(len(test)), transform, self.channels)
-        return {
-            "train": _Subset(train, range(len(train)), transform, self.channels),
-            "val": val,
-            "test": val,
-        }
+        return _Subset(data, range(len(data)), transform, self.channels)
 
     # --------------------------------------------------------------- loaders
 
     def _loader(self, split: str) -> DataLoader:
-        self.setup()
+        if split not in self._sets:  # a loader asked for outside a Trainer, without setup()
+            self.setup(SPLIT_STAGE[split])
         hp = self.hparams
         train = split == "train"
         # drop_last in training: a last batch of 1 image would break BatchNorm (and D's balance).

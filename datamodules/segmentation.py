@@ -12,7 +12,12 @@ boundaries, and the padding that makes different image sizes one batch).
 
 Image and mask move together through `transforms.v2` (tv_tensors.Mask: nearest-neighbour
 resizing, padding with 255). Masks are read as class indices: VOC's palette PNGs give their
-indices, never their colours. Every mask is checked against its image: sizes and values.
+indices, never their colours. Images of any mode become RGB (`datamodules.formats.image`). Every
+mask is checked against its image when the pair is read: same size, values in 0..K-1 or 255;
+otherwise an error names both files, the id and the problem.
+
+Each stage reads only its split: `fit` train + val, `validate` val, `test` / `predict` the test
+split (VOC: val, SBD: seg11valid), so evaluating needs no training data.
 """
 
 from __future__ import annotations
@@ -32,8 +37,9 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import datasets, tv_tensors
 from torchvision.transforms import v2
 
-from datamodules.common import make_loader
+from datamodules.common import SPLIT_STAGE, make_loader, stage_needs, stage_splits
 from datamodules.digits import DIGITS_MEAN, DIGITS_STD, IMAGENET_MEAN, IMAGENET_STD, DigitCanvas
+from datamodules.formats.image import open_image
 
 IGNORE = 255
 VOC_CLASSES = [
@@ -126,13 +132,17 @@ def read_mask(path: str) -> np.ndarray:
         from scipy.io import loadmat
 
         return np.asarray(loadmat(path)["GTcls"][0]["Segmentation"][0], dtype=np.uint8)
-    with Image.open(path) as im:
-        if im.mode not in ("P", "L"):
-            raise ValueError(
-                f"mask {path} is a {im.mode} image: a segmentation mask must hold class indices "
-                "(a palette 'P' or grayscale 'L' PNG, like VOC's SegmentationClass), not colours"
-            )
-        return np.asarray(im)  # a P image gives its palette indices, not the RGB colours
+    try:
+        with Image.open(path) as im:
+            mode = im.mode
+            if mode in ("P", "L"):
+                return np.asarray(im)  # a P image gives its palette indices, not the RGB colours
+    except (OSError, SyntaxError, ValueError, EOFError) as err:  # PIL's errors name no file
+        raise OSError(f"mask {path}: not a readable image ({type(err).__name__}: {err})") from err
+    raise ValueError(
+        f"mask {path} is a {mode} image: a segmentation mask must hold class indices "
+        "(a palette 'P' or grayscale 'L' PNG, like VOC's SegmentationClass), not colours"
+    )
 
 
 class SegmentationFiles(Dataset):
@@ -148,22 +158,22 @@ class SegmentationFiles(Dataset):
         return len(self.images)
 
     def _check(self, i: int, image: Image.Image, mask: np.ndarray) -> None:
+        where = f"(id {Path(self.images[i]).stem})"
         if mask.shape != (image.height, image.width):
             raise ValueError(
                 f"image {self.images[i]} is {image.width}x{image.height} but its mask "
-                f"{self.masks[i]} is {mask.shape[1]}x{mask.shape[0]} (W x H)"
+                f"{self.masks[i]} is {mask.shape[1]}x{mask.shape[0]} (W x H) {where}"
             )
         values = np.unique(mask)
         bad = values[(values >= self.num_classes) & (values != IGNORE)]
         if bad.size:
             raise ValueError(
-                f"mask {self.masks[i]} has values {bad.tolist()} outside the classes "
+                f"mask {self.masks[i]} {where} has values {bad.tolist()} outside the classes "
                 f"0..{self.num_classes - 1} and {IGNORE} (ignore); values found: {values.tolist()}"
             )
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        with Image.open(self.images[i]) as im:
-            image = im.convert("RGB")
+        image = open_image(self.images[i], record=f"id {Path(self.images[i]).stem}")  # RGB
         mask = read_mask(self.masks[i])
         self._check(i, image, mask)
         img = tv_tensors.Image(torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1))
@@ -272,7 +282,10 @@ class SegmentationDataModule(LightningDataModule):
     def _voc_dir(self) -> Path:
         hp = self.hparams
         if hp.source == "sbd" and hp.voc_root is None:
-            raise ValueError("source sbd validates on VOC's seg11valid: set `voc_root`")
+            raise ValueError(
+                "source sbd validates and tests on VOC's seg11valid: set `voc_root` (the folder "
+                "holding VOCdevkit/)"
+            )
         return Path(hp.root if hp.source == "voc" else hp.voc_root) / "VOCdevkit" / "VOC2012"
 
     def _seg11valid(self) -> Path:
@@ -320,13 +333,13 @@ class SegmentationDataModule(LightningDataModule):
 
     def _real(self, split: str) -> Dataset:
         hp = self.hparams
-        voc = self._voc_dir
-        lists = voc / "ImageSets" / "Segmentation"
         if hp.source == "sbd" and split == "train":  # torchvision's layout: img/, cls/, train.txt
             listed = Path(hp.root) / "train.txt"
             read_list(listed)  # a clear error if the folder or its list is missing
             sbd = datasets.SBDataset(hp.root, image_set="train", mode="segmentation")
             return self._files(sbd.images, sbd.masks, listed, train=True)
+        voc = self._voc_dir
+        lists = voc / "ImageSets" / "Segmentation"
         if not voc.is_dir():
             raise FileNotFoundError(
                 f"PASCAL VOC folder {voc} not found: set `download: true`, or point "
@@ -367,14 +380,27 @@ class SegmentationDataModule(LightningDataModule):
             hp.seed,
         )
 
+    def _real_for(self, split: str, stage: str | None) -> Dataset:
+        """`_real(split)`, its missing-file errors saying which stage needed the split."""
+        hp = self.hparams
+        owner = f"SegmentationDataModule(source={hp.source!r})"
+        if hp.source == "sbd" and split != "train" and hp.voc_root is None:
+            missing = "`voc_root` is not set (sbd validates and tests on VOC's seg11valid)"
+            raise ValueError(stage_needs(owner, stage, split, missing))
+        try:
+            return self._real(split)
+        except FileNotFoundError as err:
+            raise FileNotFoundError(stage_needs(owner, stage, split, str(err))) from err
+
     def setup(self, stage: str | None = None) -> None:
-        splits = {"fit": ("train", "val"), "validate": ("val",)}.get(stage or "", ("test",))
-        if stage is None:
-            splits = ("train", "val", "test")
-        for split in splits:
+        """Build the splits `stage` reads (all three when stage is None); cached across calls."""
+        for split in stage_splits(stage):
             if split in self._sets:
                 continue
-            data = self._digits(split) if self.hparams.source == "digits" else self._real(split)
+            if self.hparams.source == "digits":
+                data = self._digits(split)
+            else:
+                data = self._real_for(split, stage)
             limit = self.hparams.max_eval_samples
             if split != "train" and limit is not None and limit < len(data):
                 data = torch.utils.data.Subset(data, range(limit))
@@ -384,8 +410,8 @@ class SegmentationDataModule(LightningDataModule):
 
     def _loader(self, split: str, train: bool = False) -> DataLoader:
         hp = self.hparams
-        if split not in self._sets:
-            self.setup({"train": "fit", "val": "validate"}.get(split, "test"))
+        if split not in self._sets:  # a loader asked for outside a Trainer, without setup()
+            self.setup(SPLIT_STAGE[split])
         bs = hp.batch_size if train or hp.eval_batch_size is None else hp.eval_batch_size
         return make_loader(
             self._sets[split],

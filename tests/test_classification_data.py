@@ -184,15 +184,6 @@ def write_imagefolder(root: Path, with_test: bool = True) -> None:
     _save_image(root / "train" / "eel" / "gray.jpg", mode="L")  # must come out as 3 channels
 
 
-def _write_bad(path: Path, kind: str) -> None:
-    if kind == "text":
-        path.write_text("this is not an image")
-    else:  # a JPEG cut off mid-scan: its header parses, its pixels do not
-        noise = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
-        Image.fromarray(noise).save(path)
-        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-
-
 def test_imagefolder(tmp_path: Path) -> None:
     write_imagefolder(tmp_path)
     dm = _dm("imagefolder", tmp_path)
@@ -212,28 +203,8 @@ def test_imagefolder_without_test_evaluates_val(tmp_path: Path) -> None:
     assert len(dm._splits["test"]) == 6
 
 
-@pytest.mark.parametrize("kind", ["text", "truncated"])
-def test_imagefolder_bad_image_raises_naming_it(tmp_path: Path, kind: str) -> None:
-    write_imagefolder(tmp_path)
-    bad = tmp_path / "train" / "dog" / "broken.jpg"
-    _write_bad(bad, kind)
-    with pytest.raises(OSError, match="skip_bad_images") as err:
-        _dm("imagefolder", tmp_path).setup("fit")
-    assert str(bad) in str(err.value)
-
-
-def test_imagefolder_skips_and_counts_bad_images(tmp_path: Path) -> None:
-    write_imagefolder(tmp_path)
-    bad = [tmp_path / "train" / "dog" / "broken.jpg", tmp_path / "train" / "cat" / "cut.jpg"]
-    _write_bad(bad[0], "text")
-    _write_bad(bad[1], "truncated")
-    dm = _dm("imagefolder", tmp_path, skip_bad_images=True)
-    with pytest.warns(UserWarning, match="skipped 2 unreadable"):
-        dm.setup("fit")
-    assert sorted(dm.skipped_images) == sorted(str(p) for p in bad)
-    assert len(dm._splits["train"]) == 10
-    for batch in dm.train_dataloader():
-        _check_batch(batch, 3)
+# Unreadable images (error naming the file, or skip_bad_images: counted skip) and image
+# modes: tests/test_bad_inputs.py
 
 
 def test_imagefolder_without_images_is_a_clear_error(tmp_path: Path) -> None:
@@ -268,3 +239,42 @@ def test_missing_imagefolder_says_layout(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="root/val") as err:
         _dm("imagefolder", tmp_path).setup("fit")
     assert str(tmp_path / "val") in str(err.value)
+
+
+# ----------------------------------------------------------------------------- evaluate only
+
+
+@pytest.mark.parametrize("stage", ["test", "predict"])
+def test_imagefolder_tests_with_only_test(tmp_path: Path, stage: str) -> None:
+    for cls in ("cat", "dog", "eel"):
+        _save_image(tmp_path / "test" / cls / "0.png", value=40)
+    dm = _dm("imagefolder", tmp_path)
+    assert dm.num_classes == 3  # the classes come from test/ when there is no train/
+    dm.setup(stage)
+    loader = dm.test_dataloader() if stage == "test" else dm.predict_dataloader()
+    _check_batch(next(iter(loader)), 3)
+    assert len(loader.dataset) == 3 and dm.class_names == ["cat", "dog", "eel"]
+    with pytest.raises(FileNotFoundError, match=r"stage 'fit' reads the train split, but .*train"):
+        dm.setup("fit")
+    with pytest.raises(FileNotFoundError, match=r"stage 'validate' reads the val split, but .*val"):
+        dm.setup("validate")
+
+
+def test_imagefolder_validates_with_only_val(tmp_path: Path) -> None:
+    for cls in ("cat", "dog"):
+        _save_image(tmp_path / "val" / cls / "0.png")
+    dm = _dm("imagefolder", tmp_path)
+    dm.setup("validate")
+    _check_batch(next(iter(dm.val_dataloader())), 2)
+
+
+def test_cifar10_tests_with_only_the_test_batch(tmp_path: Path) -> None:
+    write_cifar10(tmp_path)
+    for i in range(1, 6):
+        (tmp_path / "cifar-10-batches-py" / f"data_batch_{i}").unlink()
+    dm = _dm("cifar10", tmp_path)
+    dm.setup("test")
+    labels = torch.cat([y for _, y in dm.test_dataloader()])
+    assert labels.tolist() == [0, 1, 2, 3, 4, 5]
+    with pytest.raises(FileNotFoundError, match=r"stage 'fit' reads the train split.*data_batch_1"):
+        dm.setup("fit")

@@ -96,84 +96,7 @@ def test_voc_round_trip_same_boxes_and_difficult(tmp_path: Path) -> None:
     assert read_voc(tmp_path, "2007", "val", classes=DIGIT_CLASSES)[0].iscrowd.all()
 
 
-def _coco_json(tmp_path: Path, **change: Any) -> Path:
-    (tmp_path / "imgs").mkdir(exist_ok=True)
-    from PIL import Image
-
-    Image.new("RGB", (50, 40)).save(tmp_path / "imgs" / "a.png")
-    data = {
-        "images": [{"id": 1, "file_name": "a.png", "width": 50, "height": 40}],
-        "annotations": [
-            {"id": 7, "image_id": 1, "category_id": 1, "bbox": [5, 5, 10, 10], "iscrowd": 0}
-        ],
-        "categories": [{"id": 1, "name": "thing"}],
-    }
-    for key, value in change.items():
-        data["annotations"][0][key] = value
-    path = tmp_path / "ann.json"
-    path.write_text(json.dumps(data))
-    return path
-
-
-def test_coco_bad_inputs_name_file_and_record(tmp_path: Path) -> None:
-    bad = tmp_path / "broken.json"
-    bad.write_text('{"images": [')
-    with pytest.raises(ValueError, match=r"broken\.json: malformed json"):
-        read_coco(bad, tmp_path)
-    with pytest.raises(ValueError, match=r"ann\.json: annotation id 7 points to image id 3"):
-        read_coco(_coco_json(tmp_path, image_id=3), tmp_path / "imgs")
-    with pytest.raises(ValueError, match=r"annotation id 7 has category id 5, not in categories"):
-        read_coco(_coco_json(tmp_path, category_id=5), tmp_path / "imgs")
-    with pytest.raises(FileNotFoundError, match=r"image id 1 refers to missing file .*a\.png"):
-        read_coco(_coco_json(tmp_path), tmp_path / "elsewhere")
-
-
-@pytest.mark.parametrize(
-    ("bbox", "kept"),
-    [
-        ([5, 5, 0, 10], None),
-        ([5, 5, 10, -1], None),
-        ([60, 5, 10, 10], None),
-        ([45, 35, 10, 10], [45, 35, 50, 40]),
-    ],
-)
-def test_coco_degenerate_boxes_are_dropped_or_clipped_with_a_warning(
-    tmp_path: Path, bbox: list[float], kept: list[float] | None
-) -> None:
-    with pytest.warns(UserWarning, match=r"ann\.json: clipped \d box.*dropped \d degenerate"):
-        records, _ = read_coco(_coco_json(tmp_path, bbox=bbox), tmp_path / "imgs")
-    if kept is None:
-        assert records[0].boxes.shape == (0, 4)  # the image stays, without the box
-    else:
-        np.testing.assert_allclose(records[0].boxes, [kept])
-
-
-VOC_XML = """<annotation><filename>x.jpg</filename>{size}
-<object><name>1</name><difficult>0</difficult>{box}</object></annotation>"""
-SIZE = "<size><width>64</width><height>64</height><depth>3</depth></size>"
-BOX = "<bndbox><xmin>3</xmin><ymin>3</ymin><xmax>20</xmax><ymax>20</ymax></bndbox>"
-
-
-@pytest.mark.parametrize(
-    ("xml", "message"),
-    [
-        (VOC_XML.format(size="", box=BOX), r"x\.xml: no <size>"),
-        (VOC_XML.format(size=SIZE, box=""), r"x\.xml: object 0 \(1\): no <bndbox>"),
-        (
-            VOC_XML.format(size=SIZE, box=BOX).replace("<name>1", "<name>cat"),
-            r"object 0 \(cat\): class 'cat'",
-        ),
-        ("<annotation><size>", r"x\.xml: malformed xml"),
-    ],
-)
-def test_voc_bad_xml_names_file_and_object(tmp_path: Path, xml: str, message: str) -> None:
-    base = tmp_path / "VOC2007"
-    for d in ("Annotations", "JPEGImages", "ImageSets/Main"):
-        (base / d).mkdir(parents=True)
-    (base / "Annotations" / "x.xml").write_text(xml)
-    (base / "ImageSets" / "Main" / "val.txt").write_text("x\n")
-    with pytest.raises(ValueError, match=message):
-        read_voc(tmp_path, "2007", "val", classes=DIGIT_CLASSES)
+# Bad COCO / VOC inputs (malformed files, degenerate boxes, unknown ids...): tests/test_bad_inputs.py
 
 
 # ----------------------------------------------------------------------------- data
@@ -200,6 +123,56 @@ def test_training_batch_with_an_image_without_objects(tmp_path: Path) -> None:
     total.backward()
     assert torch.isfinite(total)
     assert all(torch.isfinite(p.grad).all() for p in module.parameters() if p.grad is not None)
+
+
+def _eval_only(source: str, root: Path, **kw: Any) -> DetectionDataModule:
+    """COCO / VOC files holding only one split, and a DataModule configured with only that."""
+    if source == "coco":
+        _coco_fixture(root, n=3, split="test")
+        return DetectionDataModule(source="coco", root=str(root), batch_size=2, **kw)
+    make("voc", root, 3, "test", **_scene_kwargs())
+    return DetectionDataModule(
+        source="voc", root=str(root), classes=DIGIT_CLASSES, batch_size=2, **kw
+    )
+
+
+@pytest.mark.parametrize("source", ["coco", "voc"])
+def test_evaluate_with_only_the_evaluated_split(tmp_path: Path, source: str) -> None:
+    split = "test" if source == "coco" else "2007/test"
+    for stage, option in (
+        ("test", "test_split"),
+        ("predict", "test_split"),
+        ("validate", "val_split"),
+    ):
+        dm = _eval_only(source, tmp_path, **{option: split})
+        dm.setup(stage)
+        loader = {"test": dm.test_dataloader, "predict": dm.predict_dataloader}.get(
+            stage, dm.val_dataloader
+        )()
+        images, targets = next(iter(loader))
+        assert len(images) == 2 and sorted(t["image_id"] for t in targets) == [1, 2], stage
+        assert dm.num_classes == 11
+    dm = _eval_only(source, tmp_path, test_split=split)
+    with pytest.raises(
+        ValueError, match=r"stage 'fit' reads the train split, but `train_split` is not set"
+    ):
+        dm.setup("fit")
+    dm = _eval_only(source, tmp_path, val_split=split)  # test falls back to val_split
+    dm.setup("test")
+    assert len(dm.test_dataloader().dataset) == 3
+    with pytest.raises(ValueError, match=r"stage 'validate' reads the val split, but `val_split`"):
+        _eval_only(source, tmp_path, test_split=split).setup("validate")
+    with pytest.raises(
+        ValueError, match=r"stage 'test' reads the test split, but `root` is not set"
+    ):
+        DetectionDataModule(source=source, test_split=split).setup("test")
+
+
+def test_trainer_tests_a_coco_test_set_alone(tmp_path: Path) -> None:
+    """What `train.py test --ckpt_path ...` does, with nothing on disk but the test split."""
+    dm = _eval_only("coco", tmp_path / "data", test_split="test")
+    metrics = _trainer(tmp_path).test(FasterRCNNModule(**SMALL), datamodule=dm, verbose=False)[0]
+    assert {"test/map", "test/map_50"} <= set(metrics)
 
 
 def test_augmentation_moves_boxes_with_the_image(tmp_path: Path) -> None:

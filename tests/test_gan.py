@@ -196,40 +196,17 @@ def _img(path: Path, mode: str, size: int = 20) -> None:
     Image.new(mode, (size, size + 6)).save(path)
 
 
-def test_imagefolder_modes_convert_or_reject(tmp_path: Path) -> None:
-    for i, (mode, ext) in enumerate(
-        [("RGB", "png"), ("L", "png"), ("RGBA", "png"), ("CMYK", "jpg")]
-    ):
-        _img(tmp_path / "cls" / f"{i}.{ext}", mode)
-    for i in range(4, 8):
-        _img(tmp_path / f"{i}.jpg", "RGB")
-    dm = ImageDataModule(
-        dataset="imagefolder", root=str(tmp_path), channels=3, batch_size=8, val_fraction=0.25
-    )
-    with pytest.warns(UserWarning, match="converting"):
-        dm.setup("fit")
-    x = torch.cat([*dm.train_dataloader(), *dm.val_dataloader()])
-    assert x.shape == (8, 3, 32, 32) and x.min() >= -1 and x.max() <= 1
-    strict = ImageDataModule(
-        dataset="imagefolder", root=str(tmp_path), channels=3, mixed_modes="error"
-    )
-    with pytest.raises(ValueError, match=r"mixed modes.*RGBA.*mixed_modes: convert"):
-        strict.setup("fit")
+# Image modes (converted with one counted warning, or refused) and unreadable files: the
+# catalogue in tests/test_bad_inputs.py.
 
 
-def test_imagefolder_bad_inputs(tmp_path: Path) -> None:
+def test_imagefolder_missing_or_empty_folders(tmp_path: Path) -> None:
     (tmp_path / "empty" / "sub").mkdir(parents=True)
     (tmp_path / "empty" / "notes.txt").write_text("no images here")
     with pytest.raises(FileNotFoundError, match="holds no images"):
         ImageDataModule(dataset="imagefolder", root=str(tmp_path / "empty")).setup("fit")
     with pytest.raises(FileNotFoundError, match="LMDB"):
         ImageDataModule(dataset="lsun", root=str(tmp_path / "nowhere")).setup("fit")
-    broken = tmp_path / "broken"
-    for i in range(3):
-        _img(broken / f"{i}.png", "RGB")
-    (broken / "3.png").write_bytes(b"not a png")
-    with pytest.raises(OSError, match="3.png is not a readable image"):
-        ImageDataModule(dataset="imagefolder", root=str(broken), channels=3).setup("fit")
     with pytest.raises(ValueError, match="unknown dataset"):
         ImageDataModule(dataset="mnist")
 
@@ -246,6 +223,35 @@ def test_cifar10_fixture(tmp_path: Path) -> None:
     allowed = torch.tensor([(10 * k + 5) / 127.5 - 1 for k in range(10)])
     assert (x - x[:, :1, :1, :1]).abs().max() < 1e-6  # constant images stay constant
     assert ((x[:, 0, 0, 0, None] - allowed).abs().min(1).values < 1e-5).all()
+
+
+def test_imagefolder_evaluates_with_only_val(tmp_path: Path) -> None:
+    for i in range(3):
+        _img(tmp_path / "val" / f"{i}.png", "RGB")
+    dm = ImageDataModule(dataset="imagefolder", root=str(tmp_path), channels=3, batch_size=2)
+    dm.setup("validate")
+    assert next(iter(dm.val_dataloader())).shape == (2, 3, 32, 32)
+    dm.setup("test")  # no test/: test evaluates val/
+    assert len(dm.test_dataloader().dataset) == 3
+    with pytest.raises(FileNotFoundError, match=r"stage 'fit' reads the train split.*train"):
+        dm.setup("fit")
+    # predict reads no images at all: the GAN's own seeded latents, indices 0..n-1
+    nowhere = ImageDataModule(dataset="imagefolder", root=str(tmp_path / "none"), num_samples=3)
+    nowhere.setup("predict")
+    assert next(iter(nowhere.predict_dataloader())).tolist() == [0, 1, 2]
+
+
+def test_cifar10_validates_with_only_the_test_batch(tmp_path: Path) -> None:
+    from tests.test_classification_data import write_cifar10
+
+    write_cifar10(tmp_path)
+    for i in range(1, 6):
+        (tmp_path / "cifar-10-batches-py" / f"data_batch_{i}").unlink()
+    dm = ImageDataModule(dataset="cifar10", root=str(tmp_path), channels=3, batch_size=4)
+    dm.setup("validate")
+    assert len(dm.val_dataloader().dataset) == 6
+    with pytest.raises(FileNotFoundError, match=r"stage 'fit' reads the train split"):
+        dm.setup("fit")
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -229,51 +229,50 @@ def test_sbd_fixture_trains_on_mat_masks_and_validates_on_a_list(tmp_path: Path)
     assert len(dm.val_dataloader().dataset) == 3
 
 
-def _first_error(root: Path, exc: type[Exception] = ValueError) -> str:
-    dm = _voc_dm(root, crop_size=None)
-    with pytest.raises(exc) as info:
+def _drop_train_split(root: Path) -> None:
+    """Leave only what evaluation reads: the val list and its images and masks."""
+    voc = root / "VOCdevkit" / "VOC2012"
+    (voc / "ImageSets" / "Segmentation" / "train.txt").unlink()
+    for name in list(VOC_SIZES)[:2]:
+        (voc / "JPEGImages" / f"{name}.jpg").unlink()
+        (voc / "SegmentationClass" / f"{name}.png").unlink()
+
+
+@pytest.mark.parametrize("stage", ["validate", "test", "predict"])
+def test_voc_evaluates_with_only_the_val_split(tmp_path: Path, stage: str) -> None:
+    masks = write_voc(tmp_path, VOC_SIZES)
+    _drop_train_split(tmp_path)
+    dm = _voc_dm(tmp_path)
+    dm.setup(stage)
+    loader = {"validate": dm.val_dataloader, "test": dm.test_dataloader}.get(
+        stage, dm.predict_dataloader
+    )()
+    x, y = next(iter(loader))
+    assert x.shape == (2, 3, 25, 33)
+    assert torch.equal(y[0, :20, :33], torch.from_numpy(masks["2008_000001"]).long())
+    with pytest.raises(
+        FileNotFoundError, match=r"stage 'fit' reads the train split, but list file"
+    ):
+        _voc_dm(tmp_path).setup("fit")
+
+
+def test_sbd_tests_with_only_seg11valid(tmp_path: Path) -> None:
+    write_voc(tmp_path / "voc", VOC_SIZES)
+    listed = tmp_path / "seg11valid.txt"
+    listed.write_text("2008_000001\n2007_000033\n")
+    kw = {"source": "sbd", "root": str(tmp_path / "no_sbd"), "val_list": str(listed)}
+    dm = SegmentationDataModule(**kw, voc_root=str(tmp_path / "voc"), batch_size=2)
+    with pytest.warns(UserWarning, match="736"):
+        dm.setup("test")
+    x, y = next(iter(dm.test_dataloader()))
+    assert x.shape == (2, 3, 41, 33) and y.shape == (2, 41, 33)
+    with pytest.raises(FileNotFoundError, match=r"stage 'fit' reads the train split.*no_sbd"):
         dm.setup("fit")
-        for _ in dm.train_dataloader():
-            pass
-    return str(info.value)
+    with pytest.raises(ValueError, match=r"stage 'test' reads the test split, but `voc_root`"):
+        SegmentationDataModule(**kw).setup("test")
 
 
-def test_bad_mask_values_name_the_file_and_values(tmp_path: Path) -> None:
-    write_voc(tmp_path, VOC_SIZES)
-    bad = tmp_path / "VOCdevkit/VOC2012/SegmentationClass/2007_000033.png"
-    mask = _mask(41, 23, 1)
-    mask[0, :3] = (30, 21, 30)
-    _save_palette_png(bad, mask)
-    msg = _first_error(tmp_path)
-    assert "2007_000033.png" in msg and "[21, 30]" in msg and "0..20" in msg
-
-
-def test_image_and_mask_of_different_sizes(tmp_path: Path) -> None:
-    write_voc(tmp_path, VOC_SIZES)
-    _save_palette_png(
-        tmp_path / "VOCdevkit/VOC2012/SegmentationClass/2007_000032.png", _mask(9, 9, 0)
-    )
-    msg = _first_error(tmp_path)
-    assert "2007_000032.jpg is 40x30" in msg and "2007_000032.png is 9x9" in msg
-
-
-def test_rgb_mask_is_refused(tmp_path: Path) -> None:
-    write_voc(tmp_path, VOC_SIZES)
-    path = tmp_path / "VOCdevkit/VOC2012/SegmentationClass/2007_000032.png"
-    Image.open(path).convert("RGB").save(path)
-    assert "2007_000032.png is a RGB image" in _first_error(tmp_path)
-
-
-def test_missing_mask_file_and_missing_id(tmp_path: Path) -> None:
-    write_voc(tmp_path, VOC_SIZES)
-    voc = tmp_path / "VOCdevkit/VOC2012"
-    (voc / "SegmentationClass/2007_000033.png").unlink()
-    msg = _first_error(tmp_path, FileNotFoundError)
-    assert "mask file" in msg and "2007_000033.png" in msg
-    _save_palette_png(voc / "SegmentationClass/2007_000033.png", _mask(41, 23, 1))
-    (voc / "ImageSets/Segmentation/train.txt").write_text("2007_000032\n2010_999999\n")
-    msg = _first_error(tmp_path, FileNotFoundError)
-    assert "train.txt" in msg and "2010_999999" in msg
+# Bad VOC / SBD inputs (mask values, sizes, modes, missing files): tests/test_bad_inputs.py
 
 
 # ----------------------------------------------------------------------------- CLI, DDP

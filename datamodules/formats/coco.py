@@ -5,9 +5,12 @@ boxes as 0-based xyxy float32 pixels (x2, y2 exclusive, COCO's `[x, y, w, h]` ->
 labels (the data set's own category ids; 0 is background), and `iscrowd` (COCO crowd regions,
 VOC `difficult` objects): ignored by the mAP, not trained on.
 
-Bad input is an error naming the file and the record (malformed json, an annotation for an image
-id that is not in `images`, a missing image file, a category id missing from `categories`).
-Degenerate boxes are the documented exception: a box partly outside the image is clipped to it;
+Bad input is an error naming the file and the record, raised when the file is read (at setup):
+an empty or malformed json, no images, two images (or two annotations) with one id, an image entry
+without id / file_name / width / height, an annotation for an image id that is not in `images`, a
+category id missing from `categories`, a bbox that is not four numbers, a missing image file.
+pycocotools itself would silently keep the last of two images with one id, or fail with a bare
+KeyError. Degenerate boxes are the documented exception: a box partly outside the image is clipped to it;
 one with width or height <= 0 after clipping (or entirely outside) is dropped. Both are counted
 and reported in one warning per file, never silently: a dropped box cannot be detected, so it
 must not count as a miss, and a clipped one is what any detector can at best predict.
@@ -75,8 +78,11 @@ def clean_box(
 def _load_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"COCO annotation file not found: {path}")
+    text = path.read_text()
+    if not text.strip():
+        raise ValueError(f"{path}: empty file ({len(text)} bytes), not a COCO instances json")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(text)
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: malformed json: {err}") from err
     if not isinstance(data, dict) or not all(
@@ -85,7 +91,52 @@ def _load_json(path: Path) -> dict[str, Any]:
         raise ValueError(
             f"{path}: not a COCO instances file (needs images, annotations, categories)"
         )
+    if not data["images"]:
+        raise ValueError(f"{path}: no images (its `images` list is empty)")
     return data
+
+
+def _check_images(data: dict[str, Any], path: Path) -> set[int]:
+    """The image ids of `data`, each image entry complete and its id unique."""
+    names: dict[int, str] = {}
+    for k, im in enumerate(data["images"]):
+        missing = [key for key in ("id", "file_name", "width", "height") if key not in im]
+        if missing:
+            raise ValueError(f"{path}: images[{k}] has no {', '.join(missing)}")
+        image_id = int(im["id"])
+        if image_id in names:
+            raise ValueError(
+                f"{path}: image id {image_id} appears twice in images ({names[image_id]} and "
+                f"{im['file_name']}): one id must name one image"
+            )
+        names[image_id] = str(im["file_name"])
+    return set(names)
+
+
+def _check_annotations(data: dict[str, Any], path: Path, categories: dict[int, str]) -> None:
+    """Every annotation has a unique id, a known image and category, and an [x, y, w, h] bbox."""
+    image_ids, ann_ids = _check_images(data, path), set()
+    for k, ann in enumerate(data["annotations"]):
+        if "id" not in ann:
+            raise ValueError(f"{path}: annotations[{k}] has no id")
+        where = f"{path}: annotation id {ann['id']}"
+        if ann["id"] in ann_ids:
+            raise ValueError(f"{where} appears twice: annotation ids must be unique")
+        ann_ids.add(ann["id"])
+        if int(ann.get("image_id", -1)) not in image_ids:
+            raise ValueError(f"{where} points to image id {ann.get('image_id')}, not in images")
+        if int(ann.get("category_id", -1)) not in categories:
+            raise ValueError(
+                f"{where} has category id {ann.get('category_id')}, not in categories "
+                f"{sorted(categories)}"
+            )
+        bbox = ann.get("bbox")
+        if not isinstance(bbox, list) or len(bbox) != 4 or not all(_number(v) for v in bbox):
+            raise ValueError(f"{where}: bbox must be [x, y, w, h] numbers, got {bbox!r}")
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and np.isfinite(value)
 
 
 def read_coco(
@@ -101,19 +152,7 @@ def read_coco(
     ann_file, images_dir = Path(ann_file), Path(images_dir)
     data = _load_json(ann_file)
     categories = {int(c["id"]): str(c["name"]) for c in data["categories"]}
-    image_ids = {int(im["id"]) for im in data["images"]}
-    for ann in data["annotations"]:  # pycocotools would KeyError without naming the record
-        where = f"{ann_file}: annotation id {ann.get('id')}"
-        if int(ann.get("image_id", -1)) not in image_ids:
-            raise ValueError(f"{where} points to image id {ann.get('image_id')}, not in images")
-        if int(ann.get("category_id", -1)) not in categories:
-            raise ValueError(
-                f"{where} has category id {ann.get('category_id')}, not in categories "
-                f"{sorted(categories)}"
-            )
-        bbox = ann.get("bbox")
-        if not isinstance(bbox, list) or len(bbox) != 4:
-            raise ValueError(f"{where}: bbox must be [x, y, w, h], got {bbox!r}")
+    _check_annotations(data, ann_file, categories)  # pycocotools would fail without naming them
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
         coco = COCO()
         coco.dataset = data

@@ -8,9 +8,11 @@ other cnnlab reader, and the writer inverts it. Objects marked `difficult` are k
 `iscrowd=True`: VOC's protocol neither rewards nor penalises detecting them, and the COCO-style
 mAP treats crowd boxes the same way. Labels are 1 + the class's index in `classes`.
 
-Bad input (malformed xml, no `size`, an object without `bndbox` or with an unknown class, a
-missing image) is an error naming the file and the object; degenerate boxes are clipped / dropped
-with a counted warning as in `datamodules.formats.coco`.
+Bad input is an error naming the file and the object, raised when the set is read (at setup): an
+empty image-set list, an id listed twice (or two ids that are one number, 000005 and 5), a missing
+or empty xml, malformed xml, no `<size>` / `<width>` / `<height>`, an object without `<name>`, with
+an unknown class, without `<bndbox>` or one of its four coordinates, a missing image. Degenerate
+boxes are clipped / dropped as in `datamodules.formats.coco`, counted in ONE warning per image set.
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ def voc_dir(root: str | Path, year: str) -> Path:
 
 def _int(node: ET.Element, tag: str, where: str) -> float:
     text = node.findtext(tag)
+    if text is None:
+        raise ValueError(f"{where}: no <{tag}>")
     try:
         return float(text)  # some VOC files write coordinates as "273.0"
     except (TypeError, ValueError) as err:
@@ -53,6 +57,8 @@ def parse_voc_xml(
     path: Path, classes: tuple[str, ...] | list[str], check: BoxCheck
 ) -> tuple[str, int, int, list[list[float]], list[int], list[bool]]:
     """(file name, width, height, boxes xyxy 0-based, labels, difficult) of one annotation file."""
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path}: empty file (0 bytes), not a VOC annotation xml")
     try:
         root = ET.parse(path).getroot()
     except ET.ParseError as err:
@@ -68,13 +74,16 @@ def parse_voc_xml(
     for k, obj in enumerate(root.iter("object")):
         name = (obj.findtext("name") or "").strip()
         where = f"{path}: object {k} ({name or 'no name'})"
+        if not name:
+            raise ValueError(f"{where}: no <name> (its class)")
         if name not in classes:
             raise ValueError(f"{where}: class {name!r} is not one of {list(classes)}")
         bb = obj.find("bndbox")
         if bb is None:
             raise ValueError(f"{where}: no <bndbox>")
         xyxy = [_int(bb, t, where) for t in ("xmin", "ymin", "xmax", "ymax")]
-        box = clean_box([xyxy[0] - 1, xyxy[1] - 1, xyxy[2], xyxy[3]], w, h, f"object {k}", check)
+        record = f"{path.name} object {k}"
+        box = clean_box([xyxy[0] - 1, xyxy[1] - 1, xyxy[2], xyxy[3]], w, h, record, check)
         if box is None:
             continue
         boxes.append(box)
@@ -93,29 +102,27 @@ def read_voc(
 ) -> list[ImageRecord]:
     """Records of the images listed in `ImageSets/Main/<image_set>.txt` of VOC<year>.
 
-    Image ids are the file stems as integers when they are numeric (VOC2007: 000005 -> 5),
-    else their position in the list (VOC2012's 2008_000008 -> a running number).
+    Image ids are the file stems as integers, underscores removed, when they are numeric
+    (VOC2007: 000005 -> 5; VOC2012: 2008_000008 -> 2008000008, so 07 and 12 never collide), else
+    their position in the list.
     """
     base = voc_dir(root, year)
     listing = base / "ImageSets" / "Main" / f"{image_set}.txt"
-    if not listing.is_file():
-        raise FileNotFoundError(f"VOC image set not found: {listing}")
-    stems = [s.split()[0] for s in listing.read_text().splitlines() if s.strip()]
-    numeric = all(s.isdigit() for s in stems)
+    stems = _read_listing(listing)
+    ids = _image_ids(stems, listing)
+    check = BoxCheck()  # one count, one warning, for the whole image set
     records = []
-    for i, stem in enumerate(stems):
+    for stem, image_id in zip(stems, ids, strict=True):
         xml = base / "Annotations" / f"{stem}.xml"
         if not xml.is_file():
             raise FileNotFoundError(f"{listing}: image {stem} has no annotation file {xml}")
-        check = BoxCheck()
         filename, w, h, boxes, labels, difficult = parse_voc_xml(xml, classes, check)
-        check.warn(xml)
         file = base / "JPEGImages" / filename
         if check_files and not file.is_file():
             raise FileNotFoundError(f"{xml}: image file {file} is missing")
         records.append(
             ImageRecord(
-                image_id=int(stem) if numeric else i + 1,
+                image_id=image_id,
                 file=file,
                 width=w,
                 height=h,
@@ -124,7 +131,34 @@ def read_voc(
                 iscrowd=np.asarray(difficult, bool),
             )
         )
+    check.warn(listing)
     return records
+
+
+def _read_listing(listing: Path) -> list[str]:
+    """The ids of an ImageSets list: the first word of each line (VOC's per-class lists add a flag)."""
+    if not listing.is_file():
+        raise FileNotFoundError(f"VOC image set not found: {listing}")
+    stems = [s.split()[0] for s in listing.read_text().splitlines() if s.strip()]
+    if not stems:
+        raise ValueError(f"{listing}: empty image set (no ids listed)")
+    return stems
+
+
+def _image_ids(stems: list[str], listing: Path) -> list[int]:
+    """One unique integer id per stem (see `read_voc`), or an error naming the two lines."""
+    numeric = all(s.replace("_", "").isdigit() for s in stems)
+    ids = [int(s.replace("_", "")) if numeric else i + 1 for i, s in enumerate(stems)]
+    first: dict[int, int] = {}
+    for line, image_id in enumerate(ids):
+        if image_id in first:
+            j = first[image_id]
+            raise ValueError(
+                f"{listing}: lines {j + 1} ({stems[j]}) and {line + 1} ({stems[line]}) are the "
+                f"same image id {image_id}: an image listed twice would be scored twice"
+            )
+        first[image_id] = line
+    return ids
 
 
 def voc_xml(record: ImageRecord, classes: tuple[str, ...] | list[str]) -> str:

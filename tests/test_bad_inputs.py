@@ -1,0 +1,538 @@
+"""The bad-input catalogue: every malformed file a data set can hold, and what cnnlab does with it.
+
+Each case has one documented outcome (docs/bad_inputs_table.md, the README's table): a clear error
+naming the file, the record and the problem, raised when the annotations are read (setup) or when
+the image is read (`__getitem__`); or a conversion / counted skip with ONE warning giving the
+count. Fixtures are tiny files in the real on-disk formats, written into tmp_path.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+import warnings
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from datamodules.classification import ClassificationDataModule
+from datamodules.detection import DetectionDataModule
+from datamodules.formats.coco import read_coco
+from datamodules.formats.image import open_image
+from datamodules.formats.voc import read_voc
+from datamodules.images import ImageDataModule
+from datamodules.segmentation import SegmentationDataModule
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+KINDS = ["imagefolder", "coco", "voc_seg", "gan"]  # every DataModule that reads image files
+SIDE = 8  # fixture images are SIDE x SIDE constants
+
+
+# ----------------------------------------------------------------------------- image writers
+
+
+def _png16(path: Path, array: np.ndarray) -> None:
+    """A 16-bit PNG, gray (H, W) or RGB (H, W, 3). PIL cannot write 16-bit RGB, so the four
+    chunks are written here (the PNG spec: signature, IHDR, zlib-compressed rows, IEND)."""
+    h, w = array.shape[:2]
+    colour_type = 2 if array.ndim == 3 else 0
+    rows = b"".join(b"\x00" + array[y].astype(">u2").tobytes() for y in range(h))
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+
+    header = struct.pack(">IIBBBBB", w, h, 16, colour_type, 0, 0, 0)
+    body = chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + body)
+
+
+def _constant(mode: str, value: Any) -> Image.Image:
+    return Image.new(mode, (SIDE, SIDE), value)
+
+
+# mode -> (writer, the RGB values every DataModule must see). Grayscale, RGBA, CMYK and 16-bit
+# files are converted, not refused: RGB is what a classifier / detector / FCN expects.
+MODES: dict[str, tuple[Callable[[Path], None], tuple[int, int, int]]] = {
+    "grayscale": (lambda p: _constant("L", 100).save(p, format="PNG"), (100, 100, 100)),
+    # transparency is composited on black: 200 * 128 / 255 = 100.4 -> 100
+    "rgba": (lambda p: _constant("RGBA", (200, 100, 50, 128)).save(p, format="PNG"), (100, 50, 25)),
+    "cmyk": (lambda p: _constant("CMYK", (0, 128, 255, 0)).save(p, format="JPEG"), (255, 127, 0)),
+    # 16-bit is scaled (v / 257), not clipped: 25700 -> 100, where a clip would give 255
+    "gray16": (lambda p: _png16(p, np.full((SIDE, SIDE), 25700, np.uint16)), (100, 100, 100)),
+    "rgb16": (
+        lambda p: _png16(p, np.full((SIDE, SIDE, 3), (65535, 25700, 0), np.uint16)),
+        (255, 100, 0),
+    ),
+}
+
+
+def _noise_jpeg(path: Path) -> bytes:
+    noise = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(path, format="JPEG")
+    return path.read_bytes()
+
+
+def _corrupt_jpeg(path: Path) -> None:
+    """A JPEG cut off mid-scan: its header parses, its pixels do not."""
+    data = _noise_jpeg(path)
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _not_a_jpeg(path: Path) -> None:
+    path.write_bytes(b"\xff\xd8\xff\xe0 this is not JPEG data" * 4)
+
+
+def _truncated_png(path: Path) -> None:
+    noise = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(path, format="PNG")
+    path.write_bytes(path.read_bytes()[:-300])
+
+
+# ----------------------------------------------------------------------------- one image, any reader
+
+
+def _image_path(kind: str, root: Path) -> Path:
+    """Where `kind`'s fixture keeps its one image (VOC names images .jpg whatever their bytes)."""
+    return {
+        "imagefolder": root / "val" / "a" / "0.png",
+        "coco": root / "val" / "0.png",
+        "voc_seg": root / "VOCdevkit" / "VOC2012" / "JPEGImages" / "2007_000001.jpg",
+        "gan": root / "val" / "0.png",
+    }[kind]
+
+
+def _write_fixture(kind: str, root: Path, write: Callable[[Path], None]) -> Path:
+    """A val split of `kind`'s real format holding one image, written by `write`."""
+    path = _image_path(kind, root)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write(path)
+    if kind == "coco":
+        image = {"id": 1, "file_name": path.name, "width": SIDE, "height": SIDE}
+        data = {"images": [image], "annotations": [], "categories": [{"id": 1, "name": "a"}]}
+        (root / "annotations").mkdir(exist_ok=True)
+        (root / "annotations" / "instances_val.json").write_text(json.dumps(data))
+    if kind == "voc_seg":
+        voc = path.parents[1]
+        _save_mask(voc / "SegmentationClass" / f"{path.stem}.png", np.zeros((SIDE, SIDE)))
+        (voc / "ImageSets" / "Segmentation").mkdir(parents=True)
+        (voc / "ImageSets" / "Segmentation" / "val.txt").write_text(f"{path.stem}\n")
+    return path
+
+
+def _datamodule(kind: str, root: Path, **kw: Any) -> Any:
+    if kind == "imagefolder":
+        return ClassificationDataModule(
+            "imagefolder", str(root), image_size=SIDE, num_workers=0, **kw
+        )
+    if kind == "coco":
+        return DetectionDataModule(source="coco", root=str(root), val_split="val", **kw)
+    if kind == "voc_seg":
+        return SegmentationDataModule(source="voc", root=str(root), crop_size=None, **kw)
+    return ImageDataModule(dataset="imagefolder", root=str(root), channels=3, **kw)
+
+
+def _read_rgb(kind: str, root: Path) -> torch.Tensor:
+    """The (3,) mean pixel values, in 0..255, of the one val image as `kind`'s DataModule gives it."""
+    dm = _datamodule(kind, root)
+    with warnings.catch_warnings():  # the GAN folder's "converting N image(s)": tested below
+        warnings.simplefilter("ignore")
+        dm.setup("validate")
+    item = dm.val_dataloader().dataset[0]
+    x = item if kind == "gan" else item[0]  # (3, H, W)
+    if kind in ("imagefolder", "voc_seg"):  # ImageNet-normalised
+        x = (
+            x * torch.tensor(IMAGENET_STD)[:, None, None]
+            + torch.tensor(IMAGENET_MEAN)[:, None, None]
+        )
+    elif kind == "gan":  # [-1, 1]
+        x = (x + 1) / 2
+    assert x.shape[0] == 3
+    return x.mean(dim=(1, 2)) * 255
+
+
+# ----------------------------------------------------------------------------- 1-2 unreadable images
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize(
+    "write", [_corrupt_jpeg, _not_a_jpeg, _truncated_png], ids=["cut_jpeg", "not_jpeg", "cut_png"]
+)
+def test_unreadable_image_is_an_error_naming_the_file(
+    tmp_path: Path, kind: str, write: Callable[[Path], None]
+) -> None:
+    """Corrupt JPEG / truncated PNG. Folders (imagefolder, GAN) check headers at setup; the
+    annotated formats (COCO, VOC) read pixels lazily, so the error comes from `__getitem__`."""
+    path = _write_fixture(kind, tmp_path, write)
+    with pytest.raises(OSError, match=re.escape(str(path)) + r".*not a readable image") as err:
+        _read_rgb(kind, tmp_path)
+    if kind == "coco":
+        assert "image id 1" in str(err.value)
+    if kind == "voc_seg":
+        assert "2007_000001" in str(err.value)
+
+
+def test_unreadable_images_are_skipped_and_counted_in_one_warning(tmp_path: Path) -> None:
+    """imagefolder with `skip_bad_images: true`: dropped, listed, ONE warning with the count."""
+    for cls in ("a", "b"):
+        (tmp_path / "val" / cls).mkdir(parents=True)
+        Image.new("RGB", (SIDE, SIDE)).save(tmp_path / "val" / cls / "ok.png")
+    bad = [tmp_path / "val" / "a" / "cut.jpg", tmp_path / "val" / "b" / "cut.png"]
+    _corrupt_jpeg(bad[0])
+    _truncated_png(bad[1])
+    dm = _datamodule("imagefolder", tmp_path, skip_bad_images=True)
+    with pytest.warns(UserWarning, match="skipped 2 unreadable image") as record:
+        dm.setup("validate")
+    assert len([w for w in record if "unreadable" in str(w.message)]) == 1
+    assert sorted(dm.skipped_images) == sorted(map(str, bad))
+    assert len(dm.val_dataloader().dataset) == 2
+
+
+def test_a_bad_image_found_later_is_an_error_naming_it(tmp_path: Path) -> None:
+    """The setup check is a header parse; a file broken after it still fails by name."""
+    path = _write_fixture("imagefolder", tmp_path, MODES["grayscale"][0])
+    dm = _datamodule("imagefolder", tmp_path)
+    dm.setup("validate")
+    _truncated_png(path)
+    with pytest.raises(OSError, match=re.escape(str(path)) + r": not a readable image"):
+        dm.val_dataloader().dataset[0]
+
+
+# ----------------------------------------------------------------------------- 3-6 image modes
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("mode", list(MODES))
+def test_image_modes_are_converted_to_rgb(tmp_path: Path, kind: str, mode: str) -> None:
+    """RGBA, CMYK, 16-bit and grayscale images come out as 8-bit RGB with the right values."""
+    write, expected = MODES[mode]
+    _write_fixture(kind, tmp_path, write)
+    values = _read_rgb(kind, tmp_path)
+    tol = 3.0 if mode == "cmyk" else 1.0  # JPEG is lossy
+    torch.testing.assert_close(
+        values, torch.tensor(expected, dtype=torch.float32), atol=tol, rtol=0
+    )
+
+
+def test_gan_folder_counts_converted_images_in_one_warning(tmp_path: Path) -> None:
+    """The GAN folder converts other modes with ONE warning giving the count, or refuses them
+    with `mixed_modes: error`."""
+    (tmp_path / "val").mkdir()
+    for i, mode in enumerate(MODES):
+        MODES[mode][0](tmp_path / "val" / f"{i}.png")
+    _constant("RGB", (1, 2, 3)).save(tmp_path / "val" / "rgb.png")
+    # 16-bit RGB opens as 8-bit RGB in PIL (already scaled): the other four are converted
+    with pytest.warns(UserWarning, match=r"converting 4 image\(s\) to RGB") as record:
+        _datamodule("gan", tmp_path).setup("validate")
+    assert len([w for w in record if "converting" in str(w.message)]) == 1
+    strict = _datamodule("gan", tmp_path, mixed_modes="error")
+    with pytest.raises(ValueError, match=r"mixed modes.*I;16.*mixed_modes: convert"):
+        strict.setup("validate")
+
+
+def test_open_image_channels_1_scales_16_bit(tmp_path: Path) -> None:
+    MODES["gray16"][0](tmp_path / "g.png")
+    gray = open_image(tmp_path / "g.png", channels=1)
+    assert gray.mode == "L" and gray.getextrema() == (100, 100)
+
+
+# ----------------------------------------------------------------------------- annotation writers
+
+
+def _coco(root: Path, *, images: list[dict] | None = None, **ann: Any) -> Path:
+    """root/imgs/a.png (50x40) and root/ann.json with one annotation (id 7), changed by `ann`."""
+    (root / "imgs").mkdir(exist_ok=True)
+    Image.new("RGB", (50, 40)).save(root / "imgs" / "a.png")
+    annotation = {"id": 7, "image_id": 1, "category_id": 1, "bbox": [5, 5, 10, 10], "iscrowd": 0}
+    data = {
+        "images": images or [{"id": 1, "file_name": "a.png", "width": 50, "height": 40}],
+        "annotations": [{**annotation, **ann}],
+        "categories": [{"id": 1, "name": "thing"}],
+    }
+    path = root / "ann.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+VOC_XML = """<annotation><filename>{stem}.jpg</filename>{size}
+<object><name>1</name><difficult>0</difficult>{box}</object></annotation>"""
+SIZE = "<size><width>64</width><height>64</height><depth>3</depth></size>"
+BOX = "<bndbox><xmin>3</xmin><ymin>3</ymin><xmax>20</xmax><ymax>20</ymax></bndbox>"
+CLASSES = [str(d) for d in range(10)]
+
+
+def _voc(root: Path, xmls: dict[str, str], listing: str | None = None) -> Path:
+    """VOC2007 with `xmls` ({stem: xml}) and ImageSets/Main/val.txt listing them (or `listing`)."""
+    base = root / "VOC2007"
+    for d in ("Annotations", "JPEGImages", "ImageSets/Main"):
+        (base / d).mkdir(parents=True, exist_ok=True)
+    for stem, xml in xmls.items():
+        (base / "Annotations" / f"{stem}.xml").write_text(xml)
+        Image.new("RGB", (64, 64)).save(base / "JPEGImages" / f"{stem}.jpg")
+    text = listing if listing is not None else "".join(f"{s}\n" for s in xmls)
+    (base / "ImageSets" / "Main" / "val.txt").write_text(text)
+    return base
+
+
+def _box(x1: int, y1: int, x2: int, y2: int) -> str:
+    return f"<bndbox><xmin>{x1}</xmin><ymin>{y1}</ymin><xmax>{x2}</xmax><ymax>{y2}</ymax></bndbox>"
+
+
+# ----------------------------------------------------------------------------- 7 empty files
+
+
+def test_empty_coco_file(tmp_path: Path) -> None:
+    (tmp_path / "empty.json").write_text("")
+    with pytest.raises(ValueError, match=r"empty\.json: empty file \(0 bytes\)"):
+        read_coco(tmp_path / "empty.json", tmp_path)
+    no_images = _coco(tmp_path)
+    no_images.write_text(json.dumps({"images": [], "annotations": [], "categories": []}))
+    with pytest.raises(ValueError, match=r"ann\.json: no images"):
+        read_coco(no_images, tmp_path)
+    (tmp_path / "broken.json").write_text('{"images": [')
+    with pytest.raises(ValueError, match=r"broken\.json: malformed json"):
+        read_coco(tmp_path / "broken.json", tmp_path)
+
+
+def test_empty_voc_files(tmp_path: Path) -> None:
+    base = _voc(tmp_path, {"000001": ""})
+    with pytest.raises(ValueError, match=r"000001\.xml: empty file \(0 bytes\)"):
+        read_voc(tmp_path, "2007", "val", classes=CLASSES)
+    (base / "ImageSets" / "Main" / "val.txt").write_text("\n")
+    with pytest.raises(ValueError, match=r"val\.txt: empty image set"):
+        read_voc(tmp_path, "2007", "val", classes=CLASSES)
+
+
+def test_empty_segmentation_list(tmp_path: Path) -> None:
+    _write_fixture("voc_seg", tmp_path, MODES["grayscale"][0])
+    listing = tmp_path / "VOCdevkit" / "VOC2012" / "ImageSets" / "Segmentation" / "val.txt"
+    listing.write_text("")
+    with pytest.raises(ValueError, match=r"val\.txt names no image"):
+        _datamodule("voc_seg", tmp_path).setup("validate")
+
+
+# ----------------------------------------------------------------------------- 8-9 degenerate boxes
+
+
+@pytest.mark.parametrize(
+    ("bbox", "kept"),
+    [
+        ([5, 5, 0, 10], None),  # zero width
+        ([5, 5, 10, -1], None),  # negative height
+        ([60, 5, 10, 10], None),  # entirely outside the 50x40 image
+        ([45, 35, 10, 10], [45, 35, 50, 40]),  # partly outside: clipped
+    ],
+    ids=["zero_width", "negative_height", "outside", "partly_outside"],
+)
+def test_coco_degenerate_box_is_dropped_or_clipped_and_counted(
+    tmp_path: Path, bbox: list[float], kept: list[float] | None
+) -> None:
+    with pytest.warns(UserWarning, match=r"ann\.json: clipped \d box.*dropped \d degenerate") as w:
+        records, _ = read_coco(_coco(tmp_path, bbox=bbox), tmp_path / "imgs")
+    assert len(w) == 1
+    if kept is None:
+        assert "annotation id 7" in str(w[0].message)
+        assert records[0].boxes.shape == (0, 4)  # the image stays, without the box
+    else:
+        np.testing.assert_allclose(records[0].boxes, [kept])
+
+
+def test_voc_boxes_outside_the_image_give_one_counted_warning(tmp_path: Path) -> None:
+    xmls = {
+        "000001": VOC_XML.format(stem="000001", size=SIZE, box=_box(50, 50, 80, 70)),  # clipped
+        "000002": VOC_XML.format(stem="000002", size=SIZE, box=_box(70, 3, 90, 20)),  # outside
+        "000003": VOC_XML.format(stem="000003", size=SIZE, box=_box(10, 3, 10, 20)),  # 1 px wide
+        "000004": VOC_XML.format(stem="000004", size=SIZE, box=_box(-5, 3, 20, 20)),  # clipped
+    }
+    _voc(tmp_path, xmls)
+    with pytest.warns(UserWarning) as record:
+        records = read_voc(tmp_path, "2007", "val", classes=CLASSES)
+    assert len(record) == 1  # one warning for the whole image set, with the counts
+    message = str(record[0].message)
+    assert "val.txt: clipped 2 box(es)" in message and "dropped 1 degenerate" in message
+    assert "000002.xml object 0" in message
+    np.testing.assert_allclose(records[0].boxes, [[49, 49, 64, 64]])
+    assert records[1].boxes.shape == (0, 4) and records[2].boxes.shape == (1, 4)
+
+
+# ----------------------------------------------------------------------------- 10 unknown category
+
+
+def test_unknown_category_is_an_error_naming_the_record(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"ann\.json: annotation id 7 has category id 5, not in"):
+        read_coco(_coco(tmp_path, category_id=5), tmp_path / "imgs")
+    cat = VOC_XML.format(stem="000001", size=SIZE, box=BOX).replace("<name>1", "<name>cat")
+    _voc(tmp_path, {"000001": cat})
+    with pytest.raises(ValueError, match=r"000001\.xml: object 0 \(cat\): class 'cat' is not one"):
+        read_voc(tmp_path, "2007", "val", classes=CLASSES)
+
+
+# ----------------------------------------------------------------------------- 11 duplicate ids
+
+
+def test_duplicate_coco_ids_are_errors(tmp_path: Path) -> None:
+    twice = [
+        {"id": 1, "file_name": "a.png", "width": 50, "height": 40},
+        {"id": 1, "file_name": "b.png", "width": 50, "height": 40},
+    ]
+    with pytest.raises(
+        ValueError, match=r"ann\.json: image id 1 appears twice in images \(a\.png and b\.png\)"
+    ):
+        read_coco(_coco(tmp_path, images=twice), tmp_path / "imgs")
+    path = _coco(tmp_path)
+    data = json.loads(path.read_text())
+    data["annotations"] *= 2
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"ann\.json: annotation id 7 appears twice"):
+        read_coco(path, tmp_path / "imgs")
+
+
+def test_duplicate_voc_ids_are_errors(tmp_path: Path) -> None:
+    xml = VOC_XML.format(stem="000005", size=SIZE, box=BOX)
+    _voc(tmp_path, {"000005": xml}, listing="000005\n000005\n")
+    with pytest.raises(
+        ValueError, match=r"val\.txt: lines 1 \(000005\) and 2 \(000005\) are the same image id 5"
+    ):
+        read_voc(tmp_path, "2007", "val", classes=CLASSES)
+    _voc(tmp_path, {"000005": xml, "5": xml})  # two files, one number
+    with pytest.raises(ValueError, match=r"lines 1 \(000005\) and 2 \(5\) are the same image id 5"):
+        read_voc(tmp_path, "2007", "val", classes=CLASSES)
+
+
+def test_evaluation_splits_sharing_image_ids_are_an_error(tmp_path: Path) -> None:
+    """Two COCO files in one test set, both with image id 1: the mAP would mix their boxes."""
+    _write_fixture("coco", tmp_path, MODES["grayscale"][0])
+    (tmp_path / "val2").mkdir()
+    MODES["grayscale"][0](tmp_path / "val2" / "0.png")
+    ann = tmp_path / "annotations"
+    (ann / "instances_val2.json").write_text((ann / "instances_val.json").read_text())
+    dm = DetectionDataModule(source="coco", root=str(tmp_path), test_split=["val", "val2"])
+    with pytest.raises(
+        ValueError, match=r"image id 1 of .*val2/0\.png is also the id of .*val/0\.png"
+    ):
+        dm.setup("test")
+
+
+# ----------------------------------------------------------------------------- 12 VOC xml tags
+
+
+@pytest.mark.parametrize(
+    ("xml", "message"),
+    [
+        (VOC_XML.format(stem="x", size="", box=BOX), r"x\.xml: no <size>"),
+        (
+            VOC_XML.format(stem="x", size=SIZE.replace("<width>64</width>", ""), box=BOX),
+            r"x\.xml <size>: no <width>",
+        ),
+        (VOC_XML.format(stem="x", size=SIZE, box=""), r"x\.xml: object 0 \(1\): no <bndbox>"),
+        (
+            VOC_XML.format(stem="x", size=SIZE, box=BOX.replace("<xmin>3</xmin>", "")),
+            r"x\.xml: object 0 \(1\): no <xmin>",
+        ),
+        (
+            VOC_XML.format(stem="x", size=SIZE, box=BOX).replace("<name>1</name>", ""),
+            r"x\.xml: object 0 \(no name\): no <name>",
+        ),
+        (
+            VOC_XML.format(stem="x", size=SIZE, box=BOX.replace(">3<", ">three<", 1)),
+            r"x\.xml: object 0 \(1\): <xmin> is 'three', not a number",
+        ),
+        ("<annotation><size>", r"x\.xml: malformed xml"),
+    ],
+    ids=["size", "width", "bndbox", "xmin", "name", "not_a_number", "malformed"],
+)
+def test_voc_xml_missing_tags_name_the_file_and_object(
+    tmp_path: Path, xml: str, message: str
+) -> None:
+    _voc(tmp_path, {"x": xml})
+    with pytest.raises(ValueError, match=message):
+        read_voc(tmp_path, "2007", "val", classes=CLASSES)
+
+
+# ----------------------------------------------------------------------------- 13-14 masks
+
+
+def _save_mask(path: Path, mask: np.ndarray, mode: str = "P") -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(mask.astype(np.uint8), mode="L").convert(mode).save(path)
+
+
+def _mask_error(tmp_path: Path, mask: np.ndarray, mode: str = "P") -> str:
+    """The error of reading the one VOC pair whose mask is `mask`."""
+    _write_fixture("voc_seg", tmp_path, MODES["grayscale"][0])
+    path = tmp_path / "VOCdevkit" / "VOC2012" / "SegmentationClass" / "2007_000001.png"
+    _save_mask(path, mask, mode)
+    dm = _datamodule("voc_seg", tmp_path)
+    dm.setup("validate")
+    with pytest.raises(ValueError) as err:
+        dm.val_dataloader().dataset[0]
+    assert str(path) in str(err.value)
+    return str(err.value)
+
+
+def test_mask_values_out_of_range_are_an_error(tmp_path: Path) -> None:
+    """21 classes: 0..20 and 255 (ignore) are valid; 21 and 30 are not."""
+    mask = np.zeros((SIDE, SIDE))
+    mask[0, :4] = (30, 21, 255, 20)
+    msg = _mask_error(tmp_path, mask)
+    assert "id 2007_000001" in msg and "values [21, 30] outside the classes 0..20" in msg
+
+
+def test_image_and_mask_of_different_sizes_are_an_error(tmp_path: Path) -> None:
+    msg = _mask_error(tmp_path, np.zeros((SIDE + 1, SIDE)))
+    assert (
+        f"2007_000001.jpg is {SIDE}x{SIDE}" in msg
+        and f"2007_000001.png is {SIDE}x{SIDE + 1}" in msg
+    )
+
+
+def test_colour_mask_is_an_error(tmp_path: Path) -> None:
+    """An RGB mask holds colours, not class indices: guessing the palette would be silent."""
+    assert "is a RGB image" in _mask_error(tmp_path, np.zeros((SIDE, SIDE)), mode="RGB")
+
+
+# ----------------------------------------------------------------------------- 15 image vs annotation
+
+
+def test_image_size_differs_from_its_annotation(tmp_path: Path) -> None:
+    """COCO says 8x8, the file is 9x8: the boxes would not match the pixels."""
+    path = _write_fixture("coco", tmp_path, lambda p: Image.new("RGB", (SIDE + 1, SIDE)).save(p))
+    dm = _datamodule("coco", tmp_path)
+    dm.setup("validate")
+    with pytest.raises(ValueError, match=re.escape(f"{path} (image id 1) is {SIDE + 1}x{SIDE}")):
+        dm.val_dataloader().dataset[0]
+
+
+# ----------------------------------------------------------------------------- 16 missing records
+
+
+def test_missing_records_and_files_are_errors_naming_them(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"ann\.json: annotation id 7 points to image id 3"):
+        read_coco(_coco(tmp_path, image_id=3), tmp_path / "imgs")
+    with pytest.raises(
+        ValueError, match=r"ann\.json: annotation id 7: bbox must be \[x, y, w, h\]"
+    ):
+        read_coco(_coco(tmp_path, bbox=[1, 2, "3", 4]), tmp_path / "imgs")
+    with pytest.raises(ValueError, match=r"ann\.json: images\[0\] has no width"):
+        read_coco(_coco(tmp_path, images=[{"id": 1, "file_name": "a.png", "height": 4}]), tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"image id 1 refers to missing file .*a\.png"):
+        read_coco(_coco(tmp_path), tmp_path / "elsewhere")
+
+
+def test_missing_mask_and_missing_id_are_errors(tmp_path: Path) -> None:
+    _write_fixture("voc_seg", tmp_path, MODES["grayscale"][0])
+    voc = tmp_path / "VOCdevkit" / "VOC2012"
+    (voc / "SegmentationClass" / "2007_000001.png").unlink()
+    with pytest.raises(FileNotFoundError, match=r"mask file .*2007_000001\.png not found"):
+        _datamodule("voc_seg", tmp_path).setup("validate")
+    (voc / "ImageSets" / "Segmentation" / "val.txt").write_text("2010_999999\n")
+    with pytest.raises(
+        FileNotFoundError, match=r"val\.txt names 1 id\(s\) with no image.*2010_999999"
+    ):
+        _datamodule("voc_seg", tmp_path).setup("validate")
