@@ -19,9 +19,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
-from torchmetrics.detection import MeanAveragePrecision
 from torchvision.utils import draw_bounding_boxes, make_grid
 
+from lit_modules.metrics import ShardedMeanAveragePrecision
 from lit_modules.nets.detectors import ARCHS, build_faster_rcnn
 from lit_modules.visual import log_picture
 
@@ -43,8 +43,8 @@ IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10).tolist()
 REC_THRESHOLDS = np.linspace(0.0, 1.0, 101).tolist()
 
 
-def _new_map() -> MeanAveragePrecision:
-    return MeanAveragePrecision(
+def _new_map() -> ShardedMeanAveragePrecision:
+    return ShardedMeanAveragePrecision(
         box_format="xyxy",
         iou_type="bbox",
         backend="faster_coco_eval",
@@ -208,7 +208,7 @@ class FasterRCNNModule(LightningModule):
         if batch_idx == 0 and k > 0 and not self.trainer.sanity_checking:
             self._samples = (images[:k], preds[:k], targets[:k])
 
-    def _log_map(self, metric: MeanAveragePrecision, stage: str) -> None:
+    def _log_map(self, metric: ShardedMeanAveragePrecision, stage: str) -> None:
         values = metric.compute()  # already synced across ranks
         metric.reset()
         for k in MAP_KEYS:

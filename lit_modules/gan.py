@@ -186,6 +186,7 @@ class DCGANModule(LightningModule):
             num_grid_samples, latent_dim, generator=torch.Generator().manual_seed(sample_seed)
         )
         self.register_buffer("fixed_z", z)  # (N, latent): the same grid every epoch
+        self._num_real = 0  # real images seen this evaluation epoch, on this rank
         self.judge: DigitsJudge | None = None
         self._build_metrics()
         self.register_state_dict_post_hook(_drop_unsaved)
@@ -307,28 +308,46 @@ class DCGANModule(LightningModule):
 
     def _eval_step(self, batch: Any, batch_idx: int, stage: str) -> None:
         real = self._images(batch)
+        self._num_real += real.shape[0]
         fid = getattr(self, f"{stage}_fid")
-        if fid is None:
-            return
-        # Fixed noise per (rank, batch): epochs are compared on the same latent vectors.
-        base = self.hparams.sample_seed * 1_000_003 + self.global_rank * 100_003 + batch_idx * 1009
-        fake = self.generator(self._seeded_z([base + i for i in range(real.shape[0])]))
+        if fid is not None:
+            fid.update(self._to_inception(real, stage), real=True)
+
+    def _to_inception(self, images: torch.Tensor, stage: str) -> torch.Tensor:
+        if getattr(self, f"{stage}_is") is None:
+            return images
+        return (images.expand(-1, 3, -1, -1) + 1) / 2  # Inception wants [0, 1] RGB
+
+    @torch.no_grad()
+    def _score_samples(self, stage: str) -> None:
+        """G's samples against the real images seen: one sample per real image, sample i from
+        seed i, rank r making samples r, r + W, r + 2W, ... So the samples, and the scores, are the
+        same on 1 or W processes, and every epoch is scored on the same latent vectors."""
+        fid = getattr(self, f"{stage}_fid")
+        n = int(self.all_gather(torch.tensor(self._num_real, device=self.device)).sum())
+        self._num_real = 0
+        seeds = list(range(self.global_rank, n, self.trainer.world_size))
+        base = self.hparams.sample_seed * 1_000_003
         inception_score = getattr(self, f"{stage}_is")
-        if inception_score is not None:  # Inception wants [0, 1] RGB
-            real, fake = ((t.expand(-1, 3, -1, -1) + 1) / 2 for t in (real, fake))
-            inception_score.update(fake)
-        fid.update(real, real=True)
-        fid.update(fake, real=False)
-        self.log(f"{stage}/fid", fid)
+        chunk = 256  # samples per forward: memory only, the result does not depend on it
+        for start in range(0, len(seeds), chunk):
+            fake = self.generator(self._seeded_z([base + i for i in seeds[start : start + chunk]]))
+            if inception_score is not None:
+                inception_score.update(self._to_inception(fake, stage))
+            if fid is not None:
+                fid.update(self._to_inception(fake, stage), real=False)
+            if self.judge is not None:
+                top, pred = self.judge.probs(fake).max(1)  # (B,), (B,)
+                getattr(self, f"{stage}_confidence").update(top)
+                getattr(self, f"{stage}_entropy").update(pred)
+        if fid is not None:
+            self.log(f"{stage}/fid", fid)
         if self.judge is not None:
-            probs = self.judge.probs(fake)  # (B, 10)
-            top, pred = probs.max(1)
-            getattr(self, f"{stage}_confidence").update(top)
-            getattr(self, f"{stage}_entropy").update(pred)
             self.log(f"{stage}/digit_confidence", getattr(self, f"{stage}_confidence"))
             self.log(f"{stage}/class_entropy", getattr(self, f"{stage}_entropy"))
 
     def _eval_epoch_end(self, stage: str) -> None:
+        self._score_samples(stage)
         if getattr(self, f"{stage}_fid") is None:  # the checkpoint monitor still finds its key
             self.log(f"{stage}/fid", float("nan"))
         inception_score = getattr(self, f"{stage}_is")

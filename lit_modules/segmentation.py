@@ -12,9 +12,11 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 import torchvision
 from lightning.pytorch import LightningModule
 from torch import nn
+from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassConfusionMatrix
 from torchvision.utils import draw_segmentation_masks, make_grid
 
@@ -110,6 +112,8 @@ class FCNModule(LightningModule):
         self.criterion = nn.CrossEntropyLoss(ignore_index=IGNORE, reduction=loss_reduction)
         cm = lambda: MulticlassConfusionMatrix(num_classes, ignore_index=IGNORE)  # noqa: E731
         self.val_cm, self.test_cm = cm(), cm()
+        # Loss per labelled pixel, synced as (sum, count): the same on any number of ranks.
+        self.val_loss, self.test_loss = (MeanMetric().set_dtype(torch.float64) for _ in "vt")
         self._samples: tuple[torch.Tensor, ...] | None = None
         self._predict_dir = None
 
@@ -155,7 +159,11 @@ class FCNModule(LightningModule):
         scores = self(x)  # (B, K, H, W)
         pred = scores.argmax(1)  # (B, H, W)
         cm.update(pred, y)
-        self.log(f"{stage}/loss", self.criterion(scores, y), sync_dist=True)
+        labelled = (y != IGNORE).sum()
+        if labelled > 0:
+            loss = F.cross_entropy(scores, y, ignore_index=IGNORE, reduction="sum") / labelled
+            getattr(self, f"{stage}_loss").update(loss.double(), weight=labelled)
+        self.log(f"{stage}/loss", getattr(self, f"{stage}_loss"))
         return pred
 
     def _log_scores(self, cm: MulticlassConfusionMatrix, stage: str) -> None:

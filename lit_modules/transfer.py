@@ -19,6 +19,7 @@ import torch
 from lightning.pytorch import LightningModule
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from lit_modules.nets.transfer_net import build_transfer_net
@@ -103,6 +104,9 @@ class TransferClassifier(LightningModule):
             acc(num_classes),
             acc(num_classes),
         )
+        # Mean over samples, synced as (sum, count): `self.log(sync_dist=True)` would average the
+        # ranks' means, which differs from the 1-process mean when shards differ in size.
+        self.val_loss = MeanMetric().set_dtype(torch.float64)
         source = self.net.source_head
         self.source_acc = acc(source.out_features) if source is not None else None
         self._samples: tuple[torch.Tensor, ...] | None = None
@@ -209,7 +213,8 @@ class TransferClassifier(LightningModule):
             self._check_input(x)
         logits = self(x)
         self.val_acc(logits, y)
-        self.log("val/loss", self.criterion(logits, y), sync_dist=True)
+        self.val_loss.update(self.criterion(logits, y).double(), weight=len(y))
+        self.log("val/loss", self.val_loss)
         self.log("val/acc", self.val_acc, prog_bar=True)
         k = self.hparams.num_sample_images
         if batch_idx == 0 and k > 0 and not self.trainer.sanity_checking:

@@ -216,18 +216,23 @@ def close_run(*, ok: bool) -> None:
         wandb.finish(exit_code=0 if ok else 1)
 
 
+def run(args: list[str] | None = None) -> CnnlabCLI:
+    """One command, in this process; the caller ends the run (`close_run`)."""
+    return CnnlabCLI(
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        trainer_defaults={"default_root_dir": "runs"},
+        save_config_callback=KeepConfigs,
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"description": __doc__, "formatter_class": HelpFormatter},
+        args=args,
+    )
+
+
 def main(args: list[str] | None = None) -> CnnlabCLI:
     ok = False
     try:
-        cli = CnnlabCLI(
-            subclass_mode_model=True,
-            subclass_mode_data=True,
-            trainer_defaults={"default_root_dir": "runs"},
-            save_config_callback=KeepConfigs,
-            save_config_kwargs={"overwrite": True},
-            parser_kwargs={"description": __doc__, "formatter_class": HelpFormatter},
-            args=args,
-        )
+        cli = run(args)
         ok = True
         return cli
     except Exception as err:
