@@ -34,6 +34,7 @@ def split_runs(argv: list[str]) -> list[list[str]]:
 
 def main(argv: list[str]) -> int:
     out, runs = Path(argv[0]), split_runs(argv[1:])
+    sys.argv = sys.argv[:1]  # each run's arguments are passed explicitly
     results: list[str] = []
     for args in runs:
         try:
