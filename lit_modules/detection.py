@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from torchvision.utils import draw_bounding_boxes, make_grid
 
+from lit_modules.callbacks import check_labels
+from lit_modules.guard import NonFinitePolicy, finite_loss
 from lit_modules.metrics import ShardedMeanAveragePrecision
 from lit_modules.nets.detectors import ARCHS, build_faster_rcnn
 from lit_modules.visual import log_picture
@@ -111,9 +113,12 @@ class FasterRCNNModule(LightningModule):
         warmup_steps: int = 1000,
         num_sample_images: int = 8,
         draw_score_threshold: float = 0.5,
+        nonfinite_loss: NonFinitePolicy = "stop",
     ) -> None:
         """
         Args:
+            nonfinite_loss: a NaN / Inf loss `stop`s training (naming the step and the term)
+                or `skip`s the step, counted in train/skipped_steps (lit_modules/guard.py).
             arch: resnet50_fpn, resnet50_fpn_v2, mobilenet_v3_large_fpn (torchvision's), resnet18_fpn
                 (slim, CPU) or transfer (a cnnlab classifier's conv stages as backbone).
             num_classes: object classes + 1 (background): VOC 21, COCO 91, digits 11.
@@ -167,9 +172,17 @@ class FasterRCNNModule(LightningModule):
         data_classes = getattr(dm, "num_classes", None)
         if isinstance(data_classes, int) and data_classes != self.hparams.num_classes:
             raise ValueError(
-                f"the data has {data_classes - 1} classes + background but model.num_classes is "
-                f"{self.hparams.num_classes}: set --model.init_args.num_classes {data_classes}"
+                f"the data has {data_classes - 1} classes + background (largest label "
+                f"{data_classes - 1}) but model.num_classes is {self.hparams.num_classes}: "
+                f"set --model.init_args.num_classes {data_classes}"
             )
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # on CPU, every batch: a data set without num_classes escapes `setup`'s check
+        if not self.trainer.predicting:
+            labels = [t["labels"] for t in batch[1]]
+            check_labels(torch.cat(labels) if labels else torch.empty(0), self.hparams.num_classes)
+        return batch
 
     # ------------------------------------------------------------------ steps
 
@@ -185,6 +198,8 @@ class FasterRCNNModule(LightningModule):
         ]
         losses = self.net(images, train_targets)
         loss = sum(losses.values())
+        if not finite_loss(self, losses, self.hparams.nonfinite_loss):
+            return None  # skipped: no backward, no optimizer step
         n = len(images)
         for key, value in losses.items():
             self.log(f"train/{key}", value, batch_size=n)

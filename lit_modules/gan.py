@@ -34,6 +34,7 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from torchvision.utils import make_grid
 
 from datamodules.digits import DIGITS_MEAN, DIGITS_STD
+from lit_modules.guard import NonFinitePolicy, finite_loss
 from lit_modules.nets.gan_nets import DigitsJudge, build_discriminator, build_generator
 from lit_modules.visual import log_picture, run_dir
 
@@ -145,9 +146,12 @@ class DCGANModule(LightningModule):
         interpolation_rows: int = 8,
         interpolation_steps: int = 10,
         sample_seed: int = 0,
+        nonfinite_loss: NonFinitePolicy = "stop",
     ) -> None:
         """
         Args:
+            nonfinite_loss: a NaN / Inf loss `stop`s training (naming the step and the term)
+                or `skip`s the step, counted in train/skipped_steps (lit_modules/guard.py).
             arch: `dcgan` (convolutional, Radford et al.) or `mlp` (Goodfellow et al. 2014).
             g_width / d_width: DCGAN channels of G's last / D's first hidden layer (64 in the paper).
             mlp_g_hidden / mlp_d_hidden: MLP hidden sizes (G ReLU, D maxout with `maxout_pieces`).
@@ -283,11 +287,15 @@ class DCGANModule(LightningModule):
         touch_all = getattr(self, "_touch_all", False)
         # 1. D: real -> 1, fake -> 0 (G's output detached unless DDP needs every gradient)
         loss_d, d_real, d_fake = self._d_loss(real, fake if touch_all else fake.detach())
+        if not finite_loss(self, {"d_loss": loss_d}, self.hparams.nonfinite_loss):
+            return  # skipped: neither net is updated
         opt_d.zero_grad(set_to_none=True)
         self.manual_backward(loss_d, retain_graph=touch_all)
         opt_d.step()
         # 2. G: fool the D just updated (D's gradients from here are cleared before its next step)
         loss_g = self._g_loss(fake)
+        if not finite_loss(self, {"g_loss": loss_g}, self.hparams.nonfinite_loss):
+            return  # D has stepped; G's update is skipped
         opt_g.zero_grad(set_to_none=True)
         self.manual_backward(loss_g)
         opt_g.step()

@@ -20,6 +20,8 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassConfusionMatrix
 from torchvision.utils import draw_segmentation_masks, make_grid
 
+from lit_modules.callbacks import check_labels
+from lit_modules.guard import NonFinitePolicy, finite_loss
 from lit_modules.metrics import fcn_scores
 from lit_modules.nets.fcn import ARCHS, FCN, build_fcn
 from lit_modules.visual import log_picture, run_dir, to_uint8
@@ -72,9 +74,12 @@ class FCNModule(LightningModule):
         scheduler: Literal["cosine", "poly", "none"] = "cosine",
         loss_reduction: Literal["mean", "sum"] = "mean",
         num_sample_images: int = 6,
+        nonfinite_loss: NonFinitePolicy = "stop",
     ) -> None:
         """
         Args:
+            nonfinite_loss: a NaN / Inf loss `stop`s training (naming the step and the term)
+                or `skip`s the step, counted in train/skipped_steps (lit_modules/guard.py).
             arch: `digits` (small trunk), `vgg16` (the paper's), `resnet18/34/50`, or torchvision's
                 own `fcn_resnet50` / `deeplabv3_resnet50` (then variant: null).
             variant: 32s, 16s or 8s: how many skips (pool4, pool3) join the stride-32 scores.
@@ -124,9 +129,16 @@ class FCNModule(LightningModule):
         data_classes = getattr(dm, "num_classes", None)
         if isinstance(data_classes, int) and data_classes != self.hparams.num_classes:
             raise ValueError(
-                f"the data has {data_classes} classes but model.num_classes is "
-                f"{self.hparams.num_classes}: set --model.init_args.num_classes {data_classes}"
+                f"the data has {data_classes} classes (largest label {data_classes - 1}) but "
+                f"model.num_classes is {self.hparams.num_classes}: "
+                f"set --model.init_args.num_classes {data_classes}"
             )
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # on CPU, every batch: a data set without num_classes escapes `setup`'s check
+        if not self.trainer.predicting:
+            check_labels(batch[1], self.hparams.num_classes, ignore_index=IGNORE)
+        return batch
 
     def _check_input(self, x: torch.Tensor) -> None:
         if x.ndim != 4 or x.shape[1] != self.hparams.in_channels:
@@ -151,6 +163,8 @@ class FCNModule(LightningModule):
         if batch_idx == 0:
             self._check_input(x)
         loss = self.criterion(self(x), y)
+        if not finite_loss(self, {"loss": loss}, self.hparams.nonfinite_loss):
+            return None  # skipped: no backward, no optimizer step
         self.log("train/loss", loss, prog_bar=True)
         return loss
 

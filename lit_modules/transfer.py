@@ -22,6 +22,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from lit_modules.callbacks import check_labels
+from lit_modules.guard import NonFinitePolicy, finite_loss
 from lit_modules.nets.transfer_net import build_transfer_net
 from lit_modules.visual import labelled_grid, log_picture
 
@@ -58,9 +60,12 @@ class TransferClassifier(LightningModule):
         scheduler: Literal["cosine", "none"] = "cosine",
         label_smoothing: float = 0.0,
         num_sample_images: int = 16,
+        nonfinite_loss: NonFinitePolicy = "stop",
     ) -> None:
         """
         Args:
+            nonfinite_loss: a NaN / Inf loss `stop`s training (naming the step and the term)
+                or `skip`s the step, counted in train/skipped_steps (lit_modules/guard.py).
             backbone: `digits_cnn` or a torchvision classifier name (resnet18/34/50, vgg11/16[_bn],
                 mobilenet_v3_large/small, efficientnet_b0).
             weights: `DEFAULT`, a torchvision weights name (`IMAGENET1K_V2`), null (random), or a
@@ -155,7 +160,8 @@ class TransferClassifier(LightningModule):
         data_classes = getattr(dm, "num_classes", None)
         if isinstance(data_classes, int) and data_classes != hp.num_classes:
             raise ValueError(
-                f"the data has {data_classes} classes but model.num_classes is {hp.num_classes}: "
+                f"the data has {data_classes} classes (largest label {data_classes - 1}) but "
+                f"model.num_classes is {hp.num_classes}: "
                 f"set --model.init_args.num_classes {data_classes}"
             )
         if stage != "fit" or hp.mode != "linear_probe" or not hp.cache_features or dm is None:
@@ -176,6 +182,13 @@ class TransferClassifier(LightningModule):
         if getattr(self, "_patched_dm", None) is not None:
             del self._patched_dm.train_dataloader
             self._patched_dm = None
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # on CPU, every batch (a data set without num_classes escapes `setup`'s check); loader 1
+        # of `test` is the source task, scored by the source head
+        if not self.trainer.predicting and dataloader_idx == 0:
+            check_labels(batch[1], self.hparams.num_classes)
+        return batch
 
     # ------------------------------------------------------------------ steps
 
@@ -200,6 +213,8 @@ class TransferClassifier(LightningModule):
         feats = x if x.ndim == 2 else self.net.forward_features(x)
         logits = self.net.forward_head(feats)
         loss = self.criterion(logits, y)
+        if not finite_loss(self, {"loss": loss}, self.hparams.nonfinite_loss):
+            return None  # skipped: no backward, no optimizer step
         self.train_acc.update(logits.detach(), y)  # epoch-level only: no per-step compute or log
         self.log("train/loss", loss, prog_bar=True)
         return loss

@@ -1,4 +1,4 @@
-"""A callback that kills its own process mid-epoch: the crash a resumed run must recover from."""
+"""Callbacks that break a run on purpose: a SIGKILL mid-epoch, a NaN batch."""
 
 from __future__ import annotations
 
@@ -21,3 +21,17 @@ class KillAt(Callback):
         if trainer.current_epoch == self.epoch and batch_idx == self.batch:
             os.kill(os.getpid(), signal.SIGKILL)
 
+
+class PoisonAt(Callback):
+    """Fills the images of one training batch with NaN: a non-finite loss at a known step."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if trainer.global_step == self.step:
+            images = batch[0]
+            for x in images if isinstance(images, list) else [images]:
+                x.fill_(float("nan"))
