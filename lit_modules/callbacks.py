@@ -1,9 +1,17 @@
-"""Callbacks every cnnlab run uses: metrics.json, best + last checkpoints, predictions.json."""
+"""Callbacks every cnnlab run uses: metrics.json, best + last checkpoints, predictions.json.
+
+Nothing lost: a file an earlier run left under the same name is never replaced. Checkpoints get
+Lightning's `last-v1.ckpt` naming; `metrics.json` and `predictions.json` the same (`free_path`);
+an exported weights file moves the previous export aside. `check_labels` is the label-range check
+the modules run on every batch.
+"""
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import time
 from pathlib import Path
 
 import torch
@@ -16,17 +24,70 @@ def run_dir(trainer: Trainer) -> Path:
     return Path(trainer.log_dir or trainer.default_root_dir)
 
 
+def free_path(path: Path) -> Path:
+    """`path` if nothing is there yet, else the first free `<stem>-vK<suffix>` (K = 1, 2, ...).
+
+    Lightning's own rule for checkpoints (`last.ckpt`, then `last-v1.ckpt`), used for the other
+    files a run writes into a folder that an earlier run may already have filled (a run directory
+    without logger is `default_root_dir` itself, or a logger with a fixed version).
+    """
+    candidate, k = path, 0
+    while candidate.exists():
+        k += 1
+        candidate = path.with_name(f"{path.stem}-v{k}{path.suffix}")
+    return candidate
+
+
+def check_labels(
+    labels: torch.Tensor, num_classes: int, *, ignore_index: int | None = None
+) -> None:
+    """A clear error for a label outside 0..num_classes-1, before it reaches the loss.
+
+    There it is an obscure IndexError ("Target 7 is out of bounds") on CPU and a device-side
+    assert on CUDA that kills the process. Called on CPU batches (`on_before_batch_transfer`):
+    one max over the labels, no GPU synchronisation.
+    """
+    if labels.numel() == 0:
+        return
+    valid = labels if ignore_index is None else labels[labels != ignore_index]
+    if valid.numel() == 0:
+        return
+    top, low = int(valid.max()), int(valid.min())
+    if low < 0:
+        raise ValueError(f"the data has label {low}: labels must be 0..{num_classes - 1}")
+    if top >= num_classes:
+        raise ValueError(
+            f"the data has label {top} but model.num_classes is {num_classes} (labels must be "
+            f"0..{num_classes - 1}): set --model.init_args.num_classes {top + 1} or fix the labels"
+        )
+
+
 class MetricsJSON(Callback):
     """Writes `metrics.json` in the run directory at the end of fit / validate / test.
 
     A flat object of the final logged values, keys exactly as logged (`"test/acc": 0.98`). A
-    later stage in the same process (fit, then test) adds its keys to the same file.
+    later stage in the same process (fit, then test) adds its keys to the same file, and so does
+    a resumed fit (the same run, continued). A new run never merges into or replaces an earlier
+    run's file: if the folder already holds one, this run writes `metrics-v1.json` (and says so).
     """
+
+    def __init__(self) -> None:
+        self.path: Path | None = None  # the file this process writes, chosen at its first write
+
+    def _target(self, trainer: Trainer, path: Path) -> Path:
+        if self.path is not None and self.path.parent == path.parent:
+            return self.path  # a later stage of this process: same file
+        resumed = trainer.state.fn == TrainerFn.FITTING and trainer.ckpt_path is not None
+        self.path = path if resumed else free_path(path)
+        if self.path != path:
+            print(f"metrics: {path} is an earlier run's; this run's metrics go to {self.path}")
+        return self.path
 
     def _write(self, trainer: Trainer) -> None:
         path = run_dir(trainer) / "metrics.json"  # every rank: log_dir is a collective under DDP
         if not trainer.is_global_zero:
             return
+        path = self._target(trainer, path)
         metrics = json.loads(path.read_text()) if path.exists() else {}
         for key, value in trainer.callback_metrics.items():
             v = float(value.item() if isinstance(value, torch.Tensor) else value)
@@ -66,7 +127,10 @@ class BestAndLastCheckpoint(ModelCheckpoint):
 
 
 class PredictionsJSON(Callback):
-    """`predict` writes `predictions.json` (the module's `format_predictions` rows) in the run dir."""
+    """`predict` writes `predictions.json` (the module's `format_predictions` rows) in the run dir.
+
+    A file of that name already there (an earlier predict) is kept: this one is `predictions-v1.json`.
+    """
 
     def on_predict_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         fmt = getattr(pl_module, "format_predictions", None)
@@ -76,7 +140,8 @@ class PredictionsJSON(Callback):
         if outputs and isinstance(outputs[0], list):  # several predict loaders: the first
             outputs = outputs[0]
         rank = f".rank{trainer.global_rank}" if trainer.world_size > 1 else ""
-        path = run_dir(trainer) / f"predictions{rank}.json"
+        # every predict is new output: an earlier file of that name is kept (predictions-v1.json)
+        path = free_path(run_dir(trainer) / f"predictions{rank}.json")
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(fmt(outputs)) + "\n")
         print(f"predictions: {path}")
@@ -86,7 +151,9 @@ class ExportWeights(Callback):
     """At the end of fit, save the module's weights to `<default_root_dir>/weights/<filename>`.
 
     A stable path for the next experiment to start from (the digits 0-4 pretraining feeds every
-    digits transfer config), independent of the run's version number.
+    digits transfer config), independent of the run's version number. The newest export is at
+    that path; an earlier one there is moved aside, never replaced:
+    `<stem>.previous-<its time>.pt` (see `previous_name`).
     """
 
     def __init__(self, filename: str) -> None:
@@ -97,5 +164,24 @@ class ExportWeights(Callback):
             return
         path = Path(trainer.default_root_dir) / "weights" / self.filename
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"state_dict": pl_module.state_dict()}, path)
-        print(f"weights: {path}")
+        # written beside the target, then renamed: readers of `path` see a whole file, always
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        try:
+            torch.save({"state_dict": pl_module.state_dict()}, tmp)
+            kept = previous_name(path) if path.exists() else None
+            if kept is not None:
+                os.replace(path, kept)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        print(f"weights: {path}" + (f" (the previous export is now {kept})" if kept else ""))
+
+
+def previous_name(path: Path) -> Path:
+    """A free name for the file at `path`, stamped with its modification time.
+
+    `digits_source.pt` written at 2024-05-01 12:00:00 -> `digits_source.previous-20240501-120000.pt`
+    (`-v1`, `-v2`, ... appended if two exports share a second).
+    """
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(path.stat().st_mtime))
+    return free_path(path.with_name(f"{path.stem}.previous-{stamp}{path.suffix}"))

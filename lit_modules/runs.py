@@ -145,7 +145,14 @@ def find_resume(ckpt_path: str | None, *, root: Path, name: str, fit: bool) -> R
     else:
         ckpt = Path(ckpt_path)
     meta = read_checkpoint(ckpt)
-    return Resume(ckpt=ckpt, run_dir=_run_dir_of(ckpt, meta) if fit else None)
+    run_dir = _run_dir_of(ckpt, meta) if fit else None
+    if ckpt_path is None and run_dir is not None and run_dir.parent.name != name:
+        # Lightning would load it anyway (an hpc checkpoint in default_root_dir is always resumed)
+        raise CheckpointError(
+            f"{ckpt} (a SLURM requeue checkpoint) belongs to run {run_dir}, not to '{name}': "
+            "give each job its own --trainer.default_root_dir, or move the file away"
+        )
+    return Resume(ckpt=ckpt, run_dir=run_dir)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -5,7 +5,9 @@
 
 Writes runs/demo/REPORT.md, runs/demo/report.json (one object per topic: metrics, wall seconds)
 and the PNG figures the report shows. Every number comes from the runs this command just made,
-through the same configs and CLI as `scripts/train.py`.
+through the same configs and CLI as `scripts/train.py`. A previous report is not replaced: it
+moves to runs/demo/archive/<its time>/ first. The runs themselves are in runs/demo/runs/ (a new
+version_N each time; exported weights keep their previous file, see ExportWeights).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import argparse
 import importlib
 import json
 import logging
+import shutil
 import sys
 import time
 import warnings
@@ -58,6 +61,33 @@ def run_config(
     return json.loads((Path(cli.trainer.log_dir) / "metrics.json").read_text())
 
 
+REPORT_FILES = ("REPORT.md", "report.json", "*.png", "*.json")  # what a demo writes into `out`
+
+
+def archive_previous(out: Path) -> Path | None:
+    """Move the report an earlier demo left in `out` to `out/archive/<its time>/`; that folder.
+
+    Only the report's own files (top level of `out`) move: `out/runs/` stays, where the runs
+    are versioned already and the exported weights are reused by the next demo.
+    """
+    report = out / "REPORT.md"
+    if not report.is_file() and not (out / "report.json").is_file():
+        return None
+    made = (report if report.is_file() else out / "report.json").stat().st_mtime
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(made))
+    dest, k = out / "archive" / stamp, 0
+    while dest.exists():  # two reports within one second
+        k += 1
+        dest = out / "archive" / f"{stamp}-v{k}"
+    dest.mkdir(parents=True)
+    for pattern in REPORT_FILES:
+        for path in sorted(out.glob(pattern)):
+            if path.is_file():
+                shutil.move(path, dest / path.name)
+    print(f"previous report moved to {dest}")
+    return dest
+
+
 TOPICS = {  # name -> module with `demo(out) -> dict` and `report(result) -> list[str]`
     "transfer": "scripts.demo_transfer",
     "detection": "scripts.demo_detection",
@@ -83,6 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     quiet_lightning()
     args.out.mkdir(parents=True, exist_ok=True)
+    archive_previous(args.out)
     report: dict[str, Any] = {}
     lines = [
         "# cnnlab demo report",

@@ -12,13 +12,17 @@ W&B run in wandb/ (`--wandb online` after `wandb login` streams it; `wandb sync`
 from __future__ import annotations
 
 import argparse
+import difflib
+import importlib
+import inspect
 import os
+import re
 import secrets
 import sys
 import traceback
 import warnings
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 import torch.distributed as dist
 
@@ -27,11 +31,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone
 from jsonargparse import DefaultHelpFormatter  # noqa: E402
 from lightning.pytorch import Trainer  # noqa: E402
 from lightning.pytorch.callbacks import LearningRateMonitor, RichProgressBar  # noqa: E402
-from lightning.pytorch.cli import LightningCLI, SaveConfigCallback  # noqa: E402
-from lightning.pytorch.loggers import Logger, WandbLogger  # noqa: E402
+from lightning.pytorch.cli import (  # noqa: E402
+    LightningArgumentParser,
+    LightningCLI,
+    SaveConfigCallback,
+)
+from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger  # noqa: E402
 from lightning.pytorch.utilities.rank_zero import rank_zero_only  # noqa: E402
 
 from lit_modules.callbacks import BestAndLastCheckpoint, MetricsJSON, PredictionsJSON  # noqa: E402
+from lit_modules.guard import BufferSnapshot  # noqa: E402
 from lit_modules.runs import (  # noqa: E402
     WANDB_ID_FILE,
     AtomicCheckpointIO,
@@ -59,20 +68,45 @@ def wandb_run_id(run_dir: Path) -> str:
     return run_id
 
 
+class RunDirOnly(CSVLogger):
+    """`--trainer.logger=false`: nothing is logged, but the run still gets its own `version_N`.
+
+    Without any logger Lightning's run directory is `default_root_dir` itself, where the next run
+    would replace this one's checkpoints, metrics.json, pictures and predictions.
+    """
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        pass
+
+    def log_hyperparams(self, params: Any = None) -> None:
+        pass
+
+    def save(self) -> None:
+        pass
+
+
 def default_loggers(
-    root: str, name: str, wandb: str, project: str, *, resume_dir: Path | None = None
+    root: str,
+    name: str,
+    wandb: str,
+    project: str,
+    *,
+    resume_dir: Path | None = None,
+    log: bool = True,
 ) -> list[Logger]:
     """CSV logger (it fixes the run dir) and a W&B logger writing into the same dir.
 
     `resume_dir` (a resumed fit): the same `version_N`, `metrics.csv` appended, same W&B run id.
+    `log=False` (`--trainer.logger=false`): only the run dir, no metrics.csv and no W&B.
     """
+    csv_class = RunCSVLogger if log else RunDirOnly
     if resume_dir is not None:
         name = resume_dir.parent.name
-        csv = RunCSVLogger(save_dir=resume_dir.parent.parent, name=name, version=resume_dir.name)
+        csv = csv_class(save_dir=resume_dir.parent.parent, name=name, version=resume_dir.name)
     else:
-        csv = RunCSVLogger(save_dir=root, name=name)
+        csv = csv_class(save_dir=root, name=name)
     loggers: list[Logger] = [csv]
-    if wandb != "disabled":
+    if wandb != "disabled" and log:
         os.environ.setdefault("WANDB_SILENT", "true")
         _ = csv.experiment  # creates the (empty) run dir before W&B writes into it
         run_dir = Path(csv.log_dir)
@@ -146,7 +180,8 @@ class CnnlabCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         cfg = self.config[self.subcommand] if self.subcommand else self.config
         trainer_cfg = self._get(self.config_init, "trainer", default={})
-        if trainer_cfg.get("logger") in (None, True):
+        logs = trainer_cfg.get("logger") is not False  # false: a run dir of its own all the same
+        if trainer_cfg.get("logger") in (None, True, False):
             root = trainer_cfg.get("default_root_dir") or "runs"
             resume_dir = self.resume.run_dir if self.resume else None
             kwargs["logger"] = default_loggers(
@@ -155,6 +190,7 @@ class CnnlabCLI(LightningCLI):
                 cfg.get("wandb"),
                 cfg.get("wandb_project"),
                 resume_dir=resume_dir,
+                log=logs,
             )
         seed = cfg.get("seed_everything")
         callbacks = [
@@ -162,8 +198,9 @@ class CnnlabCLI(LightningCLI):
             MetricsJSON(),
             PredictionsJSON(),
             RunState(seed if type(seed) is int else None),  # bool seeds: no seeding asked for
+            BufferSnapshot(),
         ]
-        if kwargs.get("logger") or trainer_cfg.get("logger"):
+        if logs and (kwargs.get("logger") or trainer_cfg.get("logger")):
             callbacks.append(LearningRateMonitor(logging_interval="step"))
         if trainer_cfg.get("enable_progress_bar", True) is not False:
             callbacks.append(RichProgressBar())
@@ -177,6 +214,70 @@ class HelpFormatter(DefaultHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """jsonargparse's help, with the description (usage examples) kept as written."""
 
 
+def _parser_keys(parser: Any) -> set[str]:
+    """Every key `parser` and its subcommands accept (`trainer.max_epochs`, `model`, ...)."""
+    keys = {a.dest for a in parser._actions if a.dest not in (argparse.SUPPRESS, "help")}
+    subcommands = getattr(parser, "_subcommands_action", None)
+    for sub in subcommands._name_parser_map.values() if subcommands else ():
+        keys |= _parser_keys(sub)
+    return keys
+
+
+def _init_args(class_path: str) -> list[str]:
+    """The keyword arguments of `class_path`'s `__init__`: the keys its `init_args` accept."""
+    module, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+        params = inspect.signature(cls.__init__).parameters.values()
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return []  # no suggestion rather than a second error
+    kinds = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    return [p.name for p in params if p.name != "self" and p.kind not in kinds]
+
+
+def unknown_key_error(parser: Any, message: str) -> str | None:
+    """One line for jsonargparse's "key not accepted" errors, with the nearest valid key.
+
+    jsonargparse reports a typo in a class's arguments (`--model.lrr`) as a dozen lines about
+    Union subtypes, after the full usage; the user needs the key and its likely spelling.
+    """
+    if m := re.search(
+        r'Parser key "([\w.]+)".*?class_path \'([\w.]+)\':\s*Option \'(\w+)\'', message, re.S
+    ):
+        where, key = f"{m[1]} ({m[2]})", m[3]
+        valid = _init_args(m[2])
+    elif m := re.search(r"Group '([\w.]+)' does not accept option '([\w.]+)'", message):
+        where, key = m[1], m[2]
+        valid = [
+            k.removeprefix(f"{m[1]}.") for k in _parser_keys(parser) if k.startswith(f"{m[1]}.")
+        ]
+    elif m := re.search(
+        r"Option '([\w.]+)' is not accepted|unrecognized arguments: --([\w.]+)", message
+    ):
+        where, key, valid = "", m[1] or m[2], sorted(_parser_keys(parser))
+    else:
+        return None
+    near = difflib.get_close_matches(key, valid, n=1)
+    hint = f"; did you mean '{near[0]}'?" if near else ""
+    return f"unknown key '{key}'{f' for {where}' if where else ''}{hint}"
+
+
+class SuggestingParser(LightningArgumentParser):
+    """jsonargparse's parser; an unknown key is one line that names the nearest valid key."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        # nested parsers (a class's init_args) raise to the top one, which exits
+        line = None
+        if self.exit_on_error and not os.environ.get("JSONARGPARSE_DEBUG"):
+            line = unknown_key_error(self, message)
+        if line is None:
+            super().error(message, ex)
+        prog = self.prog.replace(" [options]", "")  # "train.py fit" (a subcommand's parser)
+        usage = prog if " " in prog else f"{prog} fit"
+        sys.stderr.write(f"error: {line}  ({usage} --help lists the valid keys)\n")
+        self.exit(2)
+
+
 def user_error(err: BaseException) -> BaseException | None:
     """The error cnnlab's own code raised for bad input (a file, a value) behind `err`, if any.
 
@@ -188,7 +289,7 @@ def user_error(err: BaseException) -> BaseException | None:
         frames = traceback.extract_tb(seen.__traceback__)
         origin = Path(frames[-1].filename).resolve() if frames else None
         if (
-            isinstance(seen, ValueError | OSError | TypeError)
+            isinstance(seen, ValueError | OSError | TypeError | FloatingPointError)
             and origin is not None
             and origin.is_relative_to(REPO)
             and not origin.is_relative_to(REPO / ".venv")
@@ -225,6 +326,7 @@ def run(args: list[str] | None = None) -> CnnlabCLI:
         save_config_callback=KeepConfigs,
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"description": __doc__, "formatter_class": HelpFormatter},
+        parser_class=SuggestingParser,
         args=args,
     )
 

@@ -1,6 +1,6 @@
 """The bad-input catalogue: every malformed file a data set can hold, and what cnnlab does with it.
 
-Each case has one documented outcome (docs/bad_inputs_table.md, the README's table): a clear error
+Each case has one documented outcome (the README's "Bad input" table): a clear error
 naming the file, the record and the problem, raised when the annotations are read (setup) or when
 the image is read (`__getitem__`); or a conversion / counted skip with ONE warning giving the
 count. Fixtures are tiny files in the real on-disk formats, written into tmp_path.
@@ -9,8 +9,12 @@ count. Fixtures are tiny files in the real on-disk formats, written into tmp_pat
 from __future__ import annotations
 
 import json
+import os
 import re
+import shlex
 import struct
+import subprocess
+import sys
 import warnings
 import zlib
 from collections.abc import Callable
@@ -21,6 +25,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader
 
 from datamodules.classification import ClassificationDataModule
 from datamodules.detection import DetectionDataModule
@@ -536,3 +541,202 @@ def test_missing_mask_and_missing_id_are_errors(tmp_path: Path) -> None:
         FileNotFoundError, match=r"val\.txt names 1 id\(s\) with no image.*2010_999999"
     ):
         _datamodule("voc_seg", tmp_path).setup("validate")
+
+
+# ----------------------------------------------------------------------------- 17-19 CLI and models
+# Inputs the data readers never see: a mistyped config key, a model smaller than its data's
+# labels, a weights file that would run code. Each is ONE line, naming the key / the file.
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRATCH = str(ROOT / "configs" / "transfer" / "digits_scratch.yaml")
+TINY_DETECTOR = {"arch": "transfer", "min_size": 64, "max_size": 64, "num_sample_images": 0}
+
+
+def _train_py(*args: str) -> subprocess.CompletedProcess:
+    """`scripts/train.py ARGS` as a user runs it (no CNNLAB_DEBUG: the one-line errors)."""
+    env = {k: v for k, v in os.environ.items() if k != "CNNLAB_DEBUG"}
+    return subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "train.py"), *args],
+        cwd=ROOT,
+        env={**env, "PYTHONPATH": str(ROOT), "WANDB_MODE": "disabled"},
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def _error_line(stderr: str) -> str:
+    """The one `error:` line of a failed command; no traceback, no multi-line report."""
+    assert "Traceback" not in stderr, stderr[-2000:]
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, stderr[-2000:]
+    return errors[0]
+
+
+def test_unknown_config_key_names_the_nearest_valid_one() -> None:
+    # 17: exit status 2 (argparse's for a usage error), and only this line: no usage dump
+    proc = _train_py("fit", f"--config={SCRATCH}", "--model.lrr", "0.1")
+    assert proc.returncode == 2
+    line = _error_line(proc.stderr)
+    assert line.startswith(
+        "error: unknown key 'lrr' for model (lit_modules.transfer.TransferClassifier); "
+        "did you mean 'lr'?"
+    )
+    assert "usage:" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("config", "expected"),
+    [
+        (
+            "model:\n  init_args:\n    lrr: 0.1\n",
+            "unknown key 'lrr' for model (lit_modules.transfer.TransferClassifier); "
+            "did you mean 'lr'?",
+        ),
+        (
+            "data:\n  init_args:\n    batch_sise: 8\n",
+            "unknown key 'batch_sise' for data (datamodules.digits.DigitsDataModule); "
+            "did you mean 'batch_size'?",
+        ),
+        (
+            "trainer:\n  max_epoch: 1\n",
+            "unknown key 'max_epoch' for trainer; did you mean 'max_epochs'?",
+        ),
+        (
+            "trainr:\n  max_epochs: 1\n",
+            "unknown key 'trainr.max_epochs'; did you mean 'trainer.max_epochs'?",
+        ),
+    ],
+    ids=["model", "data", "trainer", "top-level"],
+)
+def test_unknown_key_in_a_config_file_names_the_nearest_valid_one(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    config: str,
+    expected: str,
+) -> None:
+    from scripts.train import main  # in this process: the error comes while parsing, cheaply
+
+    monkeypatch.setattr(sys, "argv", ["train.py"])  # pytest's own arguments are not the CLI's
+
+    path = tmp_path / "typo.yaml"
+    path.write_text(config)
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", f"--config={SCRATCH}", f"--config={path}", "--print_config"])
+    assert exit_.value.code == 2
+    assert expected in _error_line(capsys.readouterr().err)
+
+
+def test_num_classes_smaller_than_the_data_is_one_line_naming_both() -> None:
+    # 18, with a DataModule that knows its classes: refused at setup, before any step
+    proc = _train_py(
+        "fit", f"--config={SCRATCH}", "--model.num_classes=3", "--trainer.fast_dev_run=true"
+    )
+    assert proc.returncode == 1
+    assert "the data has 5 classes (largest label 4) but model.num_classes is 3" in (
+        _error_line(proc.stderr)
+    )
+
+
+def _model_and_batch(kind: str) -> tuple[Any, DataLoader]:
+    """A module with num_classes 5 and a loader whose labels go up to 7 (255: ignore)."""
+    from lit_modules.detection import FasterRCNNModule
+    from lit_modules.segmentation import FCNModule
+    from lit_modules.transfer import TransferClassifier
+
+    if kind == "transfer":
+        data = [(torch.zeros(1, 28, 28), torch.tensor(k)) for k in (0, 7, 3)]
+        module = TransferClassifier(backbone="digits_cnn", num_classes=5, mode="scratch")
+        return module, DataLoader(data, batch_size=3)
+    if kind == "segmentation":
+        mask = torch.full((32, 32), 255, dtype=torch.int64)  # 255 everywhere but one pixel
+        mask[0, 0] = 7
+        data = [(torch.zeros(1, 32, 32), mask)]
+        return FCNModule(arch="digits", variant="32s", num_classes=5), DataLoader(data)
+    target = {
+        "boxes": torch.tensor([[4.0, 4.0, 30.0, 30.0]]),
+        "labels": torch.tensor([7]),
+        "iscrowd": torch.tensor([False]),
+    }
+    data = [(torch.zeros(3, 64, 64), target)]
+    loader = DataLoader(data, collate_fn=lambda batch: tuple(zip(*batch, strict=True)))
+    return FasterRCNNModule(**TINY_DETECTOR, num_classes=5), loader
+
+
+@pytest.mark.parametrize("kind", ["transfer", "segmentation", "detection"])
+def test_label_beyond_num_classes_is_a_clear_error_not_an_index_error(kind: str) -> None:
+    # 18, with data that does not say how many classes it has (plain loaders, a user's own
+    # DataModule): checked on each CPU batch, before the loss (IndexError / CUDA assert there)
+    from lightning.pytorch import Trainer
+
+    module, loader = _model_and_batch(kind)
+    trainer = Trainer(
+        fast_dev_run=True,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    with pytest.raises(ValueError, match=r"the data has label 7 but model\.num_classes is 5"):
+        trainer.fit(module, train_dataloaders=loader)
+
+
+class _RunsCode:
+    """Unpickling it calls os.system: what a malicious weights file does."""
+
+    def __init__(self, marker: Path) -> None:
+        self.command = f"touch {shlex.quote(str(marker))}"
+
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        return os.system, (self.command,)
+
+
+def _weights_with_code(tmp_path: Path) -> tuple[Path, Path]:
+    """A weights file that looks like a checkpoint and carries code; the file the code creates."""
+    marker, path = tmp_path / "the_code_ran", tmp_path / "evil.pt"
+    torch.save({"state_dict": {"w": torch.zeros(2), "x": _RunsCode(marker)}}, path)
+    return path, marker
+
+
+def _load_as(key: str, path: str) -> None:
+    from lit_modules.detection import FasterRCNNModule
+    from lit_modules.gan import DCGANModule
+    from lit_modules.transfer import TransferClassifier
+
+    if key == "weights":
+        TransferClassifier(backbone="digits_cnn", num_classes=5, weights=path)
+    elif key == "weights_backbone":
+        FasterRCNNModule(**TINY_DETECTOR, num_classes=11, weights_backbone=path)
+    else:
+        DCGANModule(classifier_weights=path)
+
+
+@pytest.mark.parametrize("key", ["weights", "weights_backbone", "classifier_weights"])
+def test_weights_file_carrying_code_is_refused_and_never_run(tmp_path: Path, key: str) -> None:
+    # 19: every weights loader goes through torch.load(weights_only=True)
+    path, marker = _weights_with_code(tmp_path)
+    with pytest.raises(ValueError) as err:
+        _load_as(key, str(path))
+    assert str(err.value).startswith(
+        f"weights file {path} refused: it holds pickled code (posix.system), not only tensors"
+    )
+    assert "\n" not in str(err.value) and "weights_only=False" not in str(err.value)
+    assert not marker.exists(), "loading the weights file ran its code"
+    torch.load(path, weights_only=False)  # the payload is live: an unsafe load runs it
+    assert marker.exists()
+
+
+def test_weights_file_carrying_code_is_one_line_from_the_cli(tmp_path: Path) -> None:
+    path, marker = _weights_with_code(tmp_path)
+    proc = _train_py(
+        "fit",
+        f"--config={ROOT / 'configs' / 'transfer' / 'digits_finetune.yaml'}",
+        f"--model.weights={path}",
+        f"--trainer.default_root_dir={tmp_path / 'runs'}",
+    )
+    assert proc.returncode == 1
+    assert f"weights file {path} refused: it holds pickled code" in _error_line(proc.stderr)
+    assert not marker.exists()

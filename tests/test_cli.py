@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
+import torch
 import yaml
+from lightning.pytorch import LightningModule, Trainer
+from torch.utils.data import DataLoader, TensorDataset
+
+from lit_modules.callbacks import BestAndLastCheckpoint, ExportWeights, MetricsJSON, PredictionsJSON
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "scripts" / "train.py"
@@ -116,38 +126,298 @@ def test_print_config_and_help() -> None:
     assert "--wandb" in train("fit", "--help").stdout
 
 
-def test_wandb_offline_needs_no_account(tmp_path: Path) -> None:
-    env_home = tmp_path / "home"  # no ~/.netrc, no API key: offline must not ask
-    env_home.mkdir()
+# Installed in every Python process of a run (on PYTHONPATH): records each network connection
+# attempt and name lookup. wandb 0.31 offline starts its service (wandb-core, a Go binary) and
+# talks to it over a unix socket, so the only expected connect is one AF_UNIX.
+AUDIT_HOOK = """
+import os, sys
+
+def _audit(event, args):
+    if event in ("socket.connect", "socket.getaddrinfo", "urllib.Request"):
+        sock_family = getattr(getattr(args[0], "family", None), "name", "")
+        detail = (sock_family, repr(args[1])) if event == "socket.connect" else ("", repr(args[:2]))
+        with open(os.environ["CNNLAB_NET_LOG"], "a") as f:
+            f.write(f"{os.getpid()}\\t{event}\\t{detail[0]}\\t{detail[1]}\\n")
+
+sys.addaudithook(_audit)
+"""
+
+
+def _no_network_namespace() -> bool:
+    """`unshare -rn` (util-linux) works unprivileged here: a run with no network at all."""
+    if shutil.which("unshare") is None:
+        return False
+    return subprocess.run(["unshare", "-rn", "true"], capture_output=True).returncode == 0
+
+
+def _remote_attempts(log: Path) -> list[str]:
+    """Logged attempts that could leave the machine: a non-loopback IP, a host name, a URL."""
+    bad = []
+    for line in log.read_text().splitlines() if log.exists() else []:
+        _, event, family, detail = line.split("\t")
+        if event == "socket.connect" and family == "AF_UNIX":
+            continue
+        host = detail.strip("()").split(",")[0].strip(" '\"")
+        try:
+            if ipaddress.ip_address(host).is_loopback:
+                continue
+        except ValueError:
+            if host == "localhost":
+                continue
+        bad.append(line)
+    return bad
+
+
+def offline_fit(
+    tmp_path: Path, env: dict[str, str], prefix: tuple[str, ...] = ()
+) -> tuple[str, float]:
+    """A tiny W&B-offline `fit` as a new user runs it: empty HOME, no key, stdin closed.
+
+    Every connection attempt of its Python processes is logged (AUDIT_HOOK); returns the captured
+    stdout + stderr and the wall seconds.
+    """
+    home, tmp, site = tmp_path / "home", tmp_path / "tmp", tmp_path / "site"
+    for folder in (home, tmp, site):
+        folder.mkdir()
+    (site / "sitecustomize.py").write_text(AUDIT_HOOK)
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("WANDB")}
+    t0 = time.perf_counter()
     proc = subprocess.run(
         [
+            *prefix,
             sys.executable,
             str(TRAIN),
             "fit",
             f"--config={SOURCE}",
-            "--trainer.fast_dev_run=false",
             "--trainer.max_epochs=1",
             "--trainer.limit_train_batches=2",
             "--trainer.limit_val_batches=1",
-            f"--trainer.default_root_dir={tmp_path}",
+            f"--trainer.default_root_dir={tmp_path / 'runs'}",
             "--wandb=offline",
             "--trainer.enable_progress_bar=false",
         ],
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=300,
-        stdin=subprocess.DEVNULL,
+        timeout=120,
+        stdin=subprocess.DEVNULL,  # a prompt would read EOF and fail, not wait
         env={
-            **{k: v for k, v in os.environ.items() if not k.startswith("WANDB")},
-            "HOME": str(env_home),
-            "PYTHONPATH": str(ROOT),
-            "WANDB_SILENT": "true",
+            **clean,
+            "HOME": str(home),  # no ~/.netrc, no ~/.config/wandb
+            "TMPDIR": str(tmp),  # wandb's service socket and temporary files, checked too
+            "PYTHONPATH": f"{site}{os.pathsep}{ROOT}",
+            "CNNLAB_NET_LOG": str(tmp_path / "net.log"),
+            **env,
         },
     )
+    seconds = time.perf_counter() - t0
     assert proc.returncode == 0, proc.stderr[-3000:]
-    runs = list((tmp_path / "digits_pretrain_source" / "version_0" / "wandb").glob("offline-run-*"))
+    assert (tmp_path / "net.log").exists(), "the audit hook did not run"
+    assert not _remote_attempts(tmp_path / "net.log"), _remote_attempts(tmp_path / "net.log")
+    runs = list(
+        (tmp_path / "runs" / "digits_pretrain_source" / "version_0" / "wandb").glob("offline-run-*")
+    )
     assert runs, "no offline W&B run written"
+    return proc.stdout + proc.stderr, seconds
+
+
+@pytest.mark.parametrize("network", ["host", "none"])
+def test_wandb_offline_needs_no_account_and_no_network(tmp_path: Path, network: str) -> None:
+    """No key, no ~/.netrc, stdin closed: the run is offline, asks nothing, connects nowhere.
+
+    "none" runs it in a user namespace without network (`unshare -rn`): nothing can leave even
+    from wandb-core (not Python, so not audited), and the run still finishes at its usual speed.
+    """
+    if network == "none" and not _no_network_namespace():
+        pytest.skip("unshare -rn is not available unprivileged here")
+    prefix = ("unshare", "-rn") if network == "none" else ()
+    _, seconds = offline_fit(tmp_path, {}, prefix)
+    assert seconds < 60, f"{seconds:.0f} s: something waited for a network time-out"
+
+
+def test_wandb_api_key_lands_nowhere(tmp_path: Path) -> None:
+    """A key in the environment (offline run) is in no file of the run, W&B's logs, HOME or output."""
+    secret = "cnnlab-FAKE-" + "5ecret" * 7  # the length of a real key (40+)
+    output, _ = offline_fit(tmp_path, {"WANDB_API_KEY": secret})
+    run = tmp_path / "runs" / "digits_pretrain_source" / "version_0"
+    written = [p for p in tmp_path.rglob("*") if p.is_file() and p.name != "net.log"]
+    names = {p.name for p in written}
+    # the files that could hold it exist, so the search below is not vacuous
+    assert {"config.yaml", "hparams.yaml", "metrics.csv", "output.log", "debug.log"} <= names
+    assert any(p.name.endswith(".wandb") for p in written) and (run / "config.yaml").is_file()
+    leaks = [str(p) for p in written if secret.encode() in p.read_bytes()]
+    assert not leaks, f"the API key was written to {leaks}"
+    assert secret not in output
+
+
+# ----------------------------------------------------------------------------- nothing lost
+
+
+def test_logger_false_runs_never_share_a_directory(tmp_path: Path) -> None:
+    """`--trainer.logger=false` twice in one root: each run has its own version_N (no logger,
+    so no metrics.csv / W&B), and the second weights export keeps the first one."""
+    root = tmp_path / "runs"
+    args = [
+        "fit",
+        f"--config={SOURCE}",
+        f"--trainer.default_root_dir={root}",
+        "--trainer.logger=false",
+        "--trainer.max_epochs=1",
+        "--trainer.limit_train_batches=2",
+        "--trainer.limit_val_batches=1",
+        *QUIET,
+    ]
+    results = tmp_path / "results.json"
+    proc = subprocess.run(  # both runs in one process (tests/cli_batch.py): imports paid once
+        [
+            sys.executable,
+            str(ROOT / "tests" / "cli_batch.py"),
+            str(results),
+            "--",
+            *args,
+            "--",
+            *args,
+        ],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for version in (0, 1):
+        run = root / "digits_pretrain_source" / f"version_{version}"
+        assert (run / "checkpoints" / "last.ckpt").is_file() and (run / "config.yaml").is_file()
+        assert "val/acc" in json.loads((run / "metrics.json").read_text())
+        assert not (run / "metrics.csv").exists() and not (run / "wandb").exists()
+    assert not (root / "checkpoints").exists() and not (root / "metrics.json").exists()
+    previous = list((root / "weights").glob("digits_source.previous-*.pt"))
+    assert (root / "weights" / "digits_source.pt").is_file() and len(previous) == 1
+    assert f"the previous export is now {previous[0]}" in proc.stdout
+
+
+class _Tiny(LightningModule):
+    """Linear classifier on 8 random points: a full fit / predict in well under a second."""
+
+    monitor = ("val/loss", "min")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(4, 2)
+
+    def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = torch.nn.functional.cross_entropy(self.layer(batch[0]), batch[1])
+        self.log("train/loss", loss)
+        return loss
+
+    def validation_step(self, batch: list[torch.Tensor], batch_idx: int) -> None:
+        self.log("val/loss", torch.nn.functional.cross_entropy(self.layer(batch[0]), batch[1]))
+
+    def predict_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self.layer(batch[0]).argmax(1)
+
+    def format_predictions(self, outputs: list[torch.Tensor]) -> list[int]:
+        return torch.cat(outputs).tolist()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _tiny_run(
+    root: Path, *, epochs: int = 1, ckpt: Path | None = None, predict: bool = True
+) -> None:
+    """fit (+ predict) of `_Tiny` with cnnlab's callbacks and no logger: run dir = `root`."""
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(8, 4, generator=g), torch.randint(0, 2, (8,), generator=g))
+    trainer = Trainer(
+        default_root_dir=root,
+        logger=False,
+        max_epochs=epochs,
+        callbacks=[BestAndLastCheckpoint(), MetricsJSON(), PredictionsJSON()],
+        accelerator="cpu",
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    model, loader = _Tiny(), DataLoader(data, batch_size=4)
+    trainer.fit(model, loader, loader, ckpt_path=ckpt)
+    if predict:
+        trainer.predict(model, loader)
+
+
+def _contents(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_callbacks_never_replace_an_earlier_runs_files(tmp_path: Path) -> None:
+    """Two runs writing into one folder (no logger: run dir = default_root_dir, or a logger with
+    a fixed version): every file of the first is still there, byte for byte; the second run's
+    files get the next free name (Lightning's `last-v1.ckpt`, then `metrics-v1.json`, ...)."""
+    _tiny_run(tmp_path)
+    first = _contents(tmp_path)
+    assert {"metrics.json", "predictions.json", "checkpoints/last.ckpt"} <= first.keys()
+    _tiny_run(tmp_path)
+    after = _contents(tmp_path)
+    assert {k: after[k] for k in first} == first, "a file of the first run was replaced"
+    assert {"metrics-v1.json", "predictions-v1.json", "checkpoints/last-v1.ckpt"} <= after.keys()
+    assert "val/loss" in json.loads((tmp_path / "metrics-v1.json").read_text())
+
+
+def test_resumed_fit_continues_its_own_metrics_json(tmp_path: Path) -> None:
+    """The exception: a resumed fit is the same run, so it updates the run's metrics.json."""
+    _tiny_run(tmp_path, predict=False)
+    one_epoch = json.loads((tmp_path / "metrics.json").read_text())
+    _tiny_run(tmp_path, epochs=2, ckpt=tmp_path / "checkpoints" / "last.ckpt", predict=False)
+    assert not (tmp_path / "metrics-v1.json").exists()
+    two_epochs = json.loads((tmp_path / "metrics.json").read_text())
+    assert two_epochs.keys() == one_epoch.keys() and two_epochs != one_epoch
+
+
+def test_export_weights_keeps_every_previous_export(tmp_path: Path) -> None:
+    """The stable path holds the newest export; each earlier one is moved aside, not replaced."""
+    trainer = SimpleNamespace(is_global_zero=True, default_root_dir=str(tmp_path))
+    export, net = ExportWeights("net.pt"), torch.nn.Linear(2, 1)
+    for value in (1.0, 2.0, 3.0):
+        torch.nn.init.constant_(net.weight, value)
+        export.on_fit_end(trainer, net)  # type: ignore[arg-type]
+    folder = tmp_path / "weights"
+    load = lambda p: torch.load(p, weights_only=True)["state_dict"]["weight"][0, 0].item()  # noqa: E731
+    assert load(folder / "net.pt") == 3.0
+    kept = sorted(folder.glob("net.previous-*.pt"))
+    assert sorted(load(p) for p in kept) == [1.0, 2.0]  # same second: -v1 tells them apart
+    assert not list(folder.glob(".*tmp*")), "a temporary file was left behind"
+
+
+def test_demo_twice_keeps_both_reports(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`make demo` again: the previous REPORT.md, report.json and figures move to
+    `runs/demo/archive/<time>/` (printed); the runs folder stays where the next demo finds it."""
+    from scripts import demo
+
+    calls = []
+
+    def fake_demo(out: Path) -> dict[str, Any]:
+        calls.append(len(calls) + 1)
+        (out / "figure.png").write_text(f"figure of run {calls[-1]}")
+        (out / "runs").mkdir(exist_ok=True)
+        (out / "runs" / f"run{calls[-1]}.txt").write_text("a run")
+        return {"run": calls[-1]}
+
+    topic = SimpleNamespace(demo=fake_demo, report=lambda r: [f"run {r['run']}"])
+    monkeypatch.setitem(sys.modules, "tests.fake_topic", topic)
+    monkeypatch.setitem(demo.TOPICS, "fake", "tests.fake_topic")
+    monkeypatch.setattr(demo, "quiet_lightning", lambda: None)  # global logging / warnings
+    out = tmp_path / "demo"
+    demo.main(["--topics", "fake", "--out", str(out)])
+    demo.main(["--topics", "fake", "--out", str(out)])
+    (archive,) = (out / "archive").iterdir()
+    assert f"previous report moved to {archive}" in capsys.readouterr().out
+    assert "run 1" in (archive / "REPORT.md").read_text()
+    assert json.loads((archive / "report.json").read_text())["fake"]["run"] == 1
+    assert (archive / "figure.png").read_text() == "figure of run 1"
+    assert "run 2" in (out / "REPORT.md").read_text()
+    assert (out / "figure.png").read_text() == "figure of run 2"
+    assert {p.name for p in (out / "runs").iterdir()} == {"run1.txt", "run2.txt"}
 
 
 def test_bad_choice_lists_valid_ones() -> None:
@@ -251,7 +521,7 @@ def test_cifar10_config_runs_on_a_cifar_fixture(tmp_path: Path) -> None:
         (
             "digits_scratch",
             "--model.num_classes=7",
-            "the data has 5 classes but model.num_classes is 7",
+            "the data has 5 classes (largest label 4) but model.num_classes is 7",
         ),
     ],
 )

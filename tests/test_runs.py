@@ -178,7 +178,9 @@ def test_slurm_requeue_resumes_the_hpc_checkpoint_in_its_run_dir(
     assert find_resume(None, root=tmp_path, name="x", fit=True) is None  # not under SLURM
     monkeypatch.setenv("SLURM_NTASKS", "1")
     monkeypatch.setenv("SLURM_JOB_NAME", "cnnlab")
-    resume = find_resume(None, root=tmp_path, name="x", fit=True)
+    resume = find_resume(None, root=tmp_path, name="transfer_cut", fit=True)
     assert resume is not None and resume.ckpt == tmp_path / "hpc_ckpt_1.ckpt"
     assert resume.run_dir == run.resolve()
+    with pytest.raises(CheckpointError, match="belongs to run .*transfer_cut.*, not to 'other'"):
+        find_resume(None, root=tmp_path, name="other", fit=True)  # another job's checkpoint
     assert find_resume("last", root=tmp_path, name="none", fit=True) is None  # nothing yet: new run

@@ -8,6 +8,8 @@ forgetting on the source task can be measured. Nothing here imports Lightning.
 
 from __future__ import annotations
 
+import pickle
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -105,14 +107,30 @@ def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(f"weights file not found: {path}")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # pickle errors, truncated zip, non-tensor payloads
-        raise ValueError(
-            f"could not load weights file {path}: {type(err).__name__}: {err}"
-        ) from err
+    except Exception as err:  # pickled code, truncated zip, not a torch file
+        raise ValueError(_load_error(path, err)) from err
     state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"weights file {path} holds no state dict of tensors")
     return state
+
+
+def _load_error(path: Path, err: Exception) -> str:
+    """One line for a failed `torch.load(weights_only=True)`.
+
+    torch's own message is a paragraph that suggests `weights_only=False`, the unsafe way out.
+    """
+    code = re.search(r"GLOBAL ([\w.]+)", str(err))
+    if isinstance(err, pickle.UnpicklingError) and code:  # refused, never run
+        return (
+            f"weights file {path} refused: it holds pickled code ({code[1]}), not only tensors, "
+            "and weights_only=True loading never runs code; re-save the weights from a trusted "
+            "source as a plain state dict (torch.save(model.state_dict(), path))"
+        )
+    kind = type(err).__name__
+    return (
+        f"could not load weights file {path}: not a torch weights file, or a corrupt one ({kind})"
+    )
 
 
 def torchvision_weights(model: str | Callable[..., nn.Module], weights: str) -> Any:
