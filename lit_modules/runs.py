@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import os
+import pickle
 import random
 import re
 from dataclasses import dataclass
@@ -96,6 +97,12 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
         checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except pickle.UnpicklingError as err:  # readable, but holds objects that could run code
+        found = re.search(r"GLOBAL ([\w.]+)", str(err))
+        raise CheckpointError(
+            f"checkpoint {path} refused: it holds pickled objects ({found[1] if found else 'code'}) "
+            "that weights_only=True loading (Lightning's and cnnlab's) never runs"
+        ) from err
     except Exception as err:
         previous = previous_checkpoint(path)
         hint = (

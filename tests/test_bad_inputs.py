@@ -740,3 +740,45 @@ def test_weights_file_carrying_code_is_one_line_from_the_cli(tmp_path: Path) -> 
     assert proc.returncode == 1
     assert f"weights file {path} refused: it holds pickled code" in _error_line(proc.stderr)
     assert not marker.exists()
+
+
+# ----------------------------------------------------------------------------- 20 a NaN loss
+
+
+def _poisoned_fit(root: Path, *extra: str) -> subprocess.CompletedProcess:
+    """A tiny fit whose 6th training batch (step 5, in epoch 1) is all NaN: its loss is NaN."""
+    poison = '[{"class_path": "tests.killing.PoisonAt", "init_args": {"step": 5}}]'
+    return _train_py(
+        "fit",
+        f"--config={SCRATCH}",
+        f"--trainer.default_root_dir={root}",
+        "--trainer.max_epochs=2",
+        "--trainer.limit_train_batches=4",
+        "--trainer.limit_val_batches=2",
+        "--trainer.enable_progress_bar=false",
+        f"--trainer.callbacks={poison}",
+        *extra,
+    )
+
+
+def test_nan_loss_stops_naming_step_and_term_and_keeps_the_last_good_checkpoint(
+    tmp_path: Path,
+) -> None:
+    proc = _poisoned_fit(tmp_path, "--name=stop")
+    assert proc.returncode == 1
+    last = tmp_path / "stop" / "version_0" / "checkpoints" / "last.ckpt"
+    line = _error_line(proc.stderr)
+    assert "non-finite loss at step 5 (epoch 1, rank 0): loss=nan" in line
+    assert f"last good checkpoint: {last}" in line
+    state = torch.load(last, map_location="cpu", weights_only=True)["state_dict"]
+    assert all(v.isfinite().all() for v in state.values() if v.is_floating_point())
+
+
+def test_nan_loss_with_skip_policy_is_counted_and_leaves_no_trace(tmp_path: Path) -> None:
+    proc = _poisoned_fit(tmp_path, "--name=skip", "--model.nonfinite_loss=skip")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("step skipped (1 so far)") == 1  # one warning
+    metrics = json.loads((tmp_path / "skip" / "version_0" / "metrics.json").read_text())
+    assert metrics["train/skipped_steps"] == 1.0
+    # finite: the NaN batch moved no weight and no BatchNorm statistic
+    assert all(isinstance(v, float) and np.isfinite(v) for v in metrics.values())
