@@ -1,4 +1,5 @@
-"""DDP parity: `validate` and `test` of one checkpoint on 2 gloo processes give the 1-process metrics.
+"""DDP: a 2-process `fit` of every module is one run; `validate` / `test` of one checkpoint on 2
+gloo processes give the 1-process metrics.
 
 For every module, on evaluation sets whose size does not divide among the ranks (203 digits, 7
 scenes, 101 images): no sample dropped, none counted twice, every rank making the same collective
@@ -153,7 +154,13 @@ def test_validate_and_test_on_2_processes_equal_1_process(judge: Path, tmp_path:
         ]
 
     assert launch(fits + evals(1), tmp_path / "one.json") == ["ok"] * (len(fits) + 8)
-    assert launch(evals(2), tmp_path / "two.json", world_size=2) == ["ok"] * 8
+    fits2 = [[*f[:-1], f"--name={m}_fit2", *DDP] for m, f in zip(specs, fits, strict=True)]
+    assert launch(fits2 + evals(2), tmp_path / "two.json", world_size=2) == ["ok"] * 12
+    for m in specs:  # a 2-process fit is one run: one dir, one set of checkpoints, one metrics.json
+        assert [p.name for p in (tmp_path / f"{m}_fit2").iterdir()] == ["version_0"], m
+        run = tmp_path / f"{m}_fit2" / "version_0"
+        assert (run / "checkpoints" / "last.ckpt").is_file(), m
+        assert [p.name for p in run.glob("metrics*.json")] == ["metrics.json"], m
     for m in specs:
         for stage in ("validate", "test"):
             one = json.loads(

@@ -296,22 +296,6 @@ def test_fit_predict_writes_grids_and_pngs(classifier: Path, tmp_path: Path) -> 
     assert list((pred / "images").glob("predict_samples_*.png"))
 
 
-def test_ddp_two_processes_fast_dev_run(classifier: Path, tmp_path: Path) -> None:
-    train(
-        "fit",
-        "--config=configs/gan/digits_dcgan.yaml",
-        "--trainer.accelerator=cpu",
-        "--trainer.devices=2",
-        "--trainer.strategy=ddp",
-        "--trainer.fast_dev_run=true",
-        "--model.g_width=8",
-        "--model.d_width=8",
-        f"--model.classifier_weights={classifier}",
-        f"--trainer.default_root_dir={tmp_path}",
-        *QUIET,
-    )
-
-
 def write_celeba(root: Path, partitions: tuple[int, ...] = (0, 0, 0, 1, 1, 2, 2)) -> None:
     """torchvision's CelebA layout: aligned 178x218 JPEGs and the five list files."""
     base = root / "celeba"

@@ -16,7 +16,7 @@ from torchmetrics.classification import MulticlassConfusionMatrix
 from datamodules.segmentation import SegmentationDataModule, voc_palette
 from lit_modules.metrics import fcn_scores
 from lit_modules.nets.fcn import FCN, Upsample, build_fcn, load_coarser
-from tests.test_cli import QUIET, metrics_of, train
+from tests.test_cli import QUIET, train
 
 # The digits configs' fast_dev_run is tests/test_cli.py's (every configs/*/digits_*.yaml).
 SMALL = ["--data.train_length=16", "--data.eval_length=21", "--data.batch_size=4"]
@@ -278,8 +278,9 @@ def test_sbd_tests_with_only_seg11valid(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------- CLI, DDP
 
 
-def test_ddp_confusion_matrix_equals_single_process_and_predict(tmp_path: Path) -> None:
-    """21 validation scenes over 2 ranks (uneven): the synced scores equal 1 process's."""
+def test_fit_then_predict_writes_overlays(tmp_path: Path) -> None:
+    """Overlays every validation epoch and per-image predict overlays (DDP parity of the scores:
+    tests/test_ddp.py)."""
     common = ["--config=configs/segmentation/digits_fcn8s.yaml", *SMALL,
               f"--trainer.default_root_dir={tmp_path}", *QUIET]  # fmt: skip
     train("fit", *common, "--trainer.max_epochs=1", "--trainer.limit_train_batches=2",
@@ -287,12 +288,6 @@ def test_ddp_confusion_matrix_equals_single_process_and_predict(tmp_path: Path) 
     run = tmp_path / "fit" / "version_0"
     assert list((run / "images").glob("val_overlays_epoch*.png")), "no overlay picture"
     ckpt = run / "checkpoints" / "last.ckpt"
-    ddp = ["--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp"]
-    train("validate", *common, f"--ckpt_path={ckpt}", "--name=val1")
-    train("validate", *common, *ddp, f"--ckpt_path={ckpt}", "--name=val2")
-    one, two = metrics_of(tmp_path, "val1"), metrics_of(tmp_path, "val2")
-    for key in ("val/pixel_acc", "val/mean_acc", "val/miou", "val/fwiou"):
-        assert two[key] == pytest.approx(one[key], abs=1e-6), key
     train("predict", *common, f"--ckpt_path={ckpt}", "--name=pred")
     pred = tmp_path / "pred" / "version_0"
     rows = json.loads((pred / "predictions.json").read_text())
