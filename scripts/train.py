@@ -12,17 +12,12 @@ W&B run in wandb/ (`--wandb online` after `wandb login` streams it; `wandb sync`
 from __future__ import annotations
 
 import argparse
-import difflib
-import importlib
-import inspect
 import os
-import re
 import secrets
 import sys
-import traceback
 import warnings
 from pathlib import Path
-from typing import Any, Literal, NoReturn
+from typing import Any, Literal
 
 import torch.distributed as dist
 
@@ -32,7 +27,6 @@ from jsonargparse import DefaultHelpFormatter  # noqa: E402
 from lightning.pytorch import Trainer  # noqa: E402
 from lightning.pytorch.callbacks import LearningRateMonitor, RichProgressBar  # noqa: E402
 from lightning.pytorch.cli import (  # noqa: E402
-    LightningArgumentParser,
     LightningCLI,
     SaveConfigCallback,
 )
@@ -40,6 +34,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger  # noqa: E4
 from lightning.pytorch.utilities.rank_zero import rank_zero_only  # noqa: E402
 
 from lit_modules.callbacks import BestAndLastCheckpoint, MetricsJSON, PredictionsJSON  # noqa: E402
+from lit_modules.cli_errors import SuggestingParser, user_error  # noqa: E402
 from lit_modules.guard import BufferSnapshot  # noqa: E402
 from lit_modules.runs import (  # noqa: E402
     WANDB_ID_FILE,
@@ -212,91 +207,6 @@ class CnnlabCLI(LightningCLI):
 
 class HelpFormatter(DefaultHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """jsonargparse's help, with the description (usage examples) kept as written."""
-
-
-def _parser_keys(parser: Any) -> set[str]:
-    """Every key `parser` and its subcommands accept (`trainer.max_epochs`, `model`, ...)."""
-    keys = {a.dest for a in parser._actions if a.dest not in (argparse.SUPPRESS, "help")}
-    subcommands = getattr(parser, "_subcommands_action", None)
-    for sub in subcommands._name_parser_map.values() if subcommands else ():
-        keys |= _parser_keys(sub)
-    return keys
-
-
-def _init_args(class_path: str) -> list[str]:
-    """The keyword arguments of `class_path`'s `__init__`: the keys its `init_args` accept."""
-    module, _, name = class_path.rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module), name)
-        params = inspect.signature(cls.__init__).parameters.values()
-    except (ImportError, AttributeError, TypeError, ValueError):
-        return []  # no suggestion rather than a second error
-    kinds = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
-    return [p.name for p in params if p.name != "self" and p.kind not in kinds]
-
-
-def unknown_key_error(parser: Any, message: str) -> str | None:
-    """One line for jsonargparse's "key not accepted" errors, with the nearest valid key.
-
-    jsonargparse reports a typo in a class's arguments (`--model.lrr`) as a dozen lines about
-    Union subtypes, after the full usage; the user needs the key and its likely spelling.
-    """
-    if m := re.search(
-        r'Parser key "([\w.]+)".*?class_path \'([\w.]+)\':\s*Option \'(\w+)\'', message, re.S
-    ):
-        where, key = f"{m[1]} ({m[2]})", m[3]
-        valid = _init_args(m[2])
-    elif m := re.search(r"Group '([\w.]+)' does not accept option '([\w.]+)'", message):
-        where, key = m[1], m[2]
-        valid = [
-            k.removeprefix(f"{m[1]}.") for k in _parser_keys(parser) if k.startswith(f"{m[1]}.")
-        ]
-    elif m := re.search(
-        r"Option '([\w.]+)' is not accepted|unrecognized arguments: --([\w.]+)", message
-    ):
-        where, key, valid = "", m[1] or m[2], sorted(_parser_keys(parser))
-    else:
-        return None
-    near = difflib.get_close_matches(key, valid, n=1)
-    hint = f"; did you mean '{near[0]}'?" if near else ""
-    return f"unknown key '{key}'{f' for {where}' if where else ''}{hint}"
-
-
-class SuggestingParser(LightningArgumentParser):
-    """jsonargparse's parser; an unknown key is one line that names the nearest valid key."""
-
-    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
-        # nested parsers (a class's init_args) raise to the top one, which exits
-        line = None
-        if self.exit_on_error and not os.environ.get("JSONARGPARSE_DEBUG"):
-            line = unknown_key_error(self, message)
-        if line is None:
-            super().error(message, ex)
-        prog = self.prog.replace(" [options]", "")  # "train.py fit" (a subcommand's parser)
-        usage = prog if " " in prog else f"{prog} fit"
-        sys.stderr.write(f"error: {line}  ({usage} --help lists the valid keys)\n")
-        self.exit(2)
-
-
-def user_error(err: BaseException) -> BaseException | None:
-    """The error cnnlab's own code raised for bad input (a file, a value) behind `err`, if any.
-
-    jsonargparse and Lightning wrap it in their own exceptions and tracebacks; the user needs
-    its one line, which names the file or the setting and the problem.
-    """
-    seen: BaseException | None = err
-    while seen is not None:
-        frames = traceback.extract_tb(seen.__traceback__)
-        origin = Path(frames[-1].filename).resolve() if frames else None
-        if (
-            isinstance(seen, ValueError | OSError | TypeError | FloatingPointError)
-            and origin is not None
-            and origin.is_relative_to(REPO)
-            and not origin.is_relative_to(REPO / ".venv")
-        ):
-            return seen
-        seen = seen.__cause__ or seen.__context__
-    return None
 
 
 def close_run(*, ok: bool) -> None:
