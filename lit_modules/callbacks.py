@@ -185,3 +185,13 @@ def previous_name(path: Path) -> Path:
     """
     stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(path.stat().st_mtime))
     return free_path(path.with_name(f"{path.stem}.previous-{stamp}{path.suffix}"))
+
+
+def keep_previous(path: Path) -> Path | None:
+    """Move an earlier file at `path` to its `previous_name` before it is written again; where."""
+    if not path.is_file():
+        return None
+    kept = previous_name(path)
+    os.replace(path, kept)
+    print(f"the previous {path.name} is now {kept}")
+    return kept

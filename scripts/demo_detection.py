@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone
 
 import torch  # noqa: E402
 
+from lit_modules.callbacks import keep_previous  # noqa: E402
 from scripts.demo import run_config  # noqa: E402
 
 CONFIG = "detection/digits_faster_rcnn.yaml"
@@ -110,5 +111,6 @@ if __name__ == "__main__":
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     result = demo(args.out)
+    keep_previous(args.out / "detection.json")  # an earlier run's result is kept
     (args.out / "detection.json").write_text(json.dumps(result, indent=2) + "\n")
     print("\n".join(report(result)))

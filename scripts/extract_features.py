@@ -40,6 +40,7 @@ from torch.utils.data import DataLoader, Dataset, Subset  # noqa: E402
 
 from datamodules.classification import ClassificationDataModule  # noqa: E402
 from datamodules.digits import DigitsDataModule, budget_indices  # noqa: E402
+from lit_modules.callbacks import keep_previous  # noqa: E402
 from lit_modules.nets.transfer_net import TransferNet, build_transfer_net  # noqa: E402
 
 DATASETS = ("digits", "cifar10", "cifar100", "pets", "flowers102", "imagefolder")
@@ -236,6 +237,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     meta |= {"classes": names, "labels_per_class": args.labels_per_class}
     meta |= {"feature_dim": int(data["train_x"].shape[1])}
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    keep_previous(args.out)  # an earlier extraction is kept, never replaced
     np.savez(args.out, **data, meta=np.array(json.dumps(meta)))
     print(f"wrote {args.out}")
     results: dict[str, Any] = {}
@@ -249,6 +251,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         print(f"{kind}: C={c:g} val/acc {val:.4f} test/acc {test:.4f} ({took:.1f} s)")
     results["meta"] = meta
     json_path = args.out.with_suffix(".json")
+    keep_previous(json_path)
     json_path.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {json_path} ({time.perf_counter() - t0:.1f} s in all)")
     return results

@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone
 
 import yaml  # noqa: E402
 
+from lit_modules.callbacks import keep_previous  # noqa: E402
 from scripts.demo import CONFIGS, quiet_lightning, run_config  # noqa: E402
 
 TABLES = CONFIGS / "tables"
@@ -128,8 +129,10 @@ def reproduce(name: str, quick: bool, out: Path, extra: list[str] | None = None)
     rows = [run_row(row, quick, root, name, extra) for row in table["rows"]]
     out.mkdir(parents=True, exist_ok=True)
     result = {"table": name, "title": table.get("title"), "quick": quick, "rows": rows}
-    (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     md = out / f"{name}.md"
+    for path in (out / f"{name}.json", md):  # an earlier table is kept, never replaced
+        keep_previous(path)
+    (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     md.write_text(markdown(table, rows))
     print(md.read_text())
     return md

@@ -555,3 +555,17 @@ def test_bad_input_is_one_clear_line(
     )
     assert proc.returncode == 1
     assert expected in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
+def test_keep_previous_moves_an_earlier_report_aside(tmp_path: Path) -> None:
+    """reproduce.py, benchmark.py, extract_features.py and demo_detection.py keep earlier outputs."""
+    from lit_modules.callbacks import keep_previous
+
+    path = tmp_path / "table.md"
+    assert keep_previous(path) is None  # nothing yet
+    path.write_text("first")
+    kept = keep_previous(path)
+    assert kept is not None and kept.read_text() == "first" and not path.exists()
+    assert kept.name.startswith("table.previous-") and kept.suffix == ".md"
+    path.write_text("second")
+    assert keep_previous(path) != kept and kept.read_text() == "first"  # both kept
