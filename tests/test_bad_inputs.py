@@ -34,6 +34,7 @@ from datamodules.formats.image import open_image
 from datamodules.formats.voc import read_voc
 from datamodules.images import ImageDataModule
 from datamodules.segmentation import SegmentationDataModule
+from lit_modules.transfer import TransferClassifier
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 KINDS = ["imagefolder", "coco", "voc_seg", "gan"]  # every DataModule that reads image files
@@ -782,3 +783,31 @@ def test_nan_loss_with_skip_policy_is_counted_and_leaves_no_trace(tmp_path: Path
     assert metrics["train/skipped_steps"] == 1.0
     # finite: the NaN batch moved no weight and no BatchNorm statistic
     assert all(isinstance(v, float) and np.isfinite(v) for v in metrics.values())
+
+
+def test_nan_loss_names_the_terms_of_every_module(tmp_path: Path) -> None:
+    """Detection (its four loss terms), segmentation and the GAN (D's loss) stop the same way."""
+    from tests.test_ddp import launch
+
+    judge = tmp_path / "judge.pt"
+    torch.save({"state_dict": TransferClassifier(backbone="digits_cnn", num_classes=10,
+                                                 mode="scratch").state_dict()}, judge)  # fmt: skip
+    poison = '[{"class_path": "tests.killing.PoisonAt", "init_args": {"step": 2}}]'
+    common = ["--wandb=disabled", "--trainer.enable_progress_bar=false",
+              f"--trainer.default_root_dir={tmp_path}", f"--trainer.callbacks={poison}"]  # fmt: skip
+    runs = [
+        ["fit", "--config=configs/detection/digits_faster_rcnn.yaml",
+         "--model.weights_backbone=null", "--data.train_length=32", "--data.eval_length=4",
+         "--trainer.max_steps=4", "--trainer.val_check_interval=null", *common],
+        ["fit", "--config=configs/segmentation/digits_fcn8s.yaml", "--data.train_length=32",
+         "--data.eval_length=4", "--trainer.max_epochs=1", *common],
+        ["fit", "--config=configs/gan/digits_dcgan.yaml", "--model.g_width=8", "--model.d_width=8",
+         f"--model.classifier_weights={judge}", "--data.max_eval_samples=32",
+         "--trainer.limit_train_batches=4", "--trainer.max_epochs=1", *common],
+    ]  # fmt: skip
+    detection, segmentation, gan = launch(runs, tmp_path / "results.json", check=False)
+    stop = "NonFiniteLossError: non-finite loss at step 2 (epoch 0, rank 0): "
+    terms = ("loss_classifier=nan", "loss_box_reg=nan", "loss_objectness=nan", "loss_rpn_box_reg")
+    assert detection.startswith(stop) and all(t in detection for t in terms), detection
+    assert segmentation.startswith(stop + "loss=nan;"), segmentation
+    assert gan.startswith(stop + "d_loss=nan;"), gan  # manual optimisation: G and D steps count
