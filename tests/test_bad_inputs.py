@@ -645,7 +645,6 @@ def _model_and_batch(kind: str) -> tuple[Any, DataLoader]:
     """A module with num_classes 5 and a loader whose labels go up to 7 (255: ignore)."""
     from lit_modules.detection import FasterRCNNModule
     from lit_modules.segmentation import FCNModule
-    from lit_modules.transfer import TransferClassifier
 
     if kind == "transfer":
         data = [(torch.zeros(1, 28, 28), torch.tensor(k)) for k in (0, 7, 3)]
@@ -705,7 +704,6 @@ def _weights_with_code(tmp_path: Path) -> tuple[Path, Path]:
 def _load_as(key: str, path: str) -> None:
     from lit_modules.detection import FasterRCNNModule
     from lit_modules.gan import DCGANModule
-    from lit_modules.transfer import TransferClassifier
 
     if key == "weights":
         TransferClassifier(backbone="digits_cnn", num_classes=5, weights=path)
@@ -785,13 +783,10 @@ def test_nan_loss_with_skip_policy_is_counted_and_leaves_no_trace(tmp_path: Path
     assert all(isinstance(v, float) and np.isfinite(v) for v in metrics.values())
 
 
-def test_nan_loss_names_the_terms_of_every_module(tmp_path: Path) -> None:
+def test_nan_loss_names_the_terms_of_every_module(judge: Path, tmp_path: Path) -> None:
     """Detection (its four loss terms), segmentation and the GAN (D's loss) stop the same way."""
     from tests.test_ddp import launch
 
-    judge = tmp_path / "judge.pt"
-    torch.save({"state_dict": TransferClassifier(backbone="digits_cnn", num_classes=10,
-                                                 mode="scratch").state_dict()}, judge)  # fmt: skip
     poison = '[{"class_path": "tests.killing.PoisonAt", "init_args": {"step": 2}}]'
     common = ["--wandb=disabled", "--trainer.enable_progress_bar=false",
               f"--trainer.default_root_dir={tmp_path}", f"--trainer.callbacks={poison}"]  # fmt: skip

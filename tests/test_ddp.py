@@ -19,7 +19,6 @@ import pytest
 import torch
 
 from lit_modules.detection import _new_map
-from lit_modules.transfer import TransferClassifier
 from tests.test_cli import QUIET, ROOT
 
 BATCH = ROOT / "tests" / "cli_batch.py"
@@ -119,14 +118,6 @@ def launch(
         f"exit codes {codes}: {results}\n{errors[0][-3000:]}"
     )
     return results
-
-
-@pytest.fixture(scope="module")
-def judge(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("judge") / "digits_classifier.pt"
-    module = TransferClassifier(backbone="digits_cnn", num_classes=10, mode="scratch")
-    torch.save({"state_dict": module.state_dict()}, path)
-    return path
 
 
 def test_validate_and_test_on_2_processes_equal_1_process(judge: Path, tmp_path: Path) -> None:

@@ -1,9 +1,9 @@
 """Trustworthy runs: a fit killed mid-epoch and resumed is one run with the uninterrupted metrics.
 
-For TransferClassifier, FasterRCNNModule, FCNModule and DCGANModule (two optimisers): SIGKILL in the middle
-of epoch 1, `fit --ckpt_path last` again (the same command starts a job and resumes it), then
-the final metrics equal an uninterrupted run's (deterministic mode) and one run directory holds
-the whole history. Also: checked checkpoints, atomic writes, a SLURM requeue's checkpoint.
+For TransferClassifier, FasterRCNNModule, FCNModule and DCGANModule (two optimisers): SIGKILL in
+the middle of epoch 1, `fit --ckpt_path last` again (the same command starts a job and resumes
+it), then the final metrics equal an uninterrupted run's (deterministic mode) and one run
+directory holds the whole history. Also: checked checkpoints, atomic writes, a SLURM requeue's checkpoint.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import pytest
 import torch
 
 from lit_modules.runs import AtomicCheckpointIO, CheckpointError, find_resume, read_checkpoint
-from lit_modules.transfer import TransferClassifier
 from tests.test_cli import QUIET, ROOT, TRAIN
 from tests.test_ddp import launch
 
@@ -69,14 +68,6 @@ def common(root: Path, module: str) -> list[str]:
         *QUIET[1:],
         wandb,
     ]
-
-
-@pytest.fixture(scope="module")
-def judge(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("judge") / "digits_classifier.pt"
-    module = TransferClassifier(backbone="digits_cnn", num_classes=10, mode="scratch")
-    torch.save({"state_dict": module.state_dict()}, path)
-    return path
 
 
 @pytest.fixture(scope="module")
