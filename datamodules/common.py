@@ -54,6 +54,7 @@ class EpochShuffleSampler(RandomSampler):
         self.set_epoch(0)
 
     def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch  # read by `GroupedBatchSampler`, which shuffles by (seed, epoch) too
         self.generator.manual_seed(self.seed + 1_000_003 * epoch)
 
 

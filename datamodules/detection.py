@@ -1,7 +1,9 @@
 """Object detection data: digit scenes made on the fly, COCO json, PASCAL VOC xml.
 
 A batch keeps torchvision's detection contract: `(list[Tensor (3, H, W) float in [0, 1]],
-list[dict(boxes=(N, 4) xyxy float32, labels=(N,) int64, iscrowd=(N,) bool, image_id=int)])`.
+list[dict(boxes=(N, 4) xyxy float32, labels=(N,) int64, iscrowd=(N,) bool, area=(N,) float32,
+image_id=int)])`; `area` is COCO's annotation area (the object's, what COCO's size buckets use),
+else the box's.
 Images with no objects stay in (boxes of shape (0, 4)): they teach the detector what background
 looks like. Normalisation and resizing are the model's (`GeneralizedRCNNTransform`).
 
@@ -20,22 +22,28 @@ Each stage reads only its splits: `fit` train_split + val_split, `validate` val_
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import BatchSampler, ConcatDataset, DataLoader, Dataset, Sampler
+from torch.utils.data import ConcatDataset, DataLoader, Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from datamodules.common import SPLIT_STAGE, make_loader, stage_needs, stage_splits
+from datamodules.common import (
+    SPLIT_STAGE,
+    EpochShuffleSampler,
+    make_loader,
+    stage_needs,
+    stage_splits,
+)
 from datamodules.digits import DigitCanvas
 from datamodules.formats.coco import ImageRecord, read_coco
 from datamodules.formats.image import open_image
 from datamodules.formats.voc import VOC_CLASSES, read_voc
+from datamodules.samplers import GroupedBatchSampler
 
 # The digit scenes of the `digits` source and of scripts/make_digit_canvases.py: small canvases,
 # few digits, so a CPU trains a detector in minutes. Labels 1..10 = digit + 1.
@@ -56,9 +64,14 @@ def collate(batch: list[tuple[torch.Tensor, Target]]) -> tuple[list[torch.Tensor
     return list(images), list(targets)
 
 
-def _sanitize_labels(inputs: tuple[Any, Target]) -> tuple[torch.Tensor, torch.Tensor]:
+def _sanitize_labels(inputs: tuple[Any, Target]) -> tuple[torch.Tensor, ...]:
     target = inputs[1]
-    return target["labels"], target["iscrowd"]  # filtered together with the boxes
+    return target["labels"], target["iscrowd"], target["area"]  # filtered with the boxes
+
+
+def box_area(boxes: torch.Tensor) -> torch.Tensor:
+    """(N,) float32 areas of (N, 4) xyxy boxes: the `area` of objects whose file gives none."""
+    return ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).float()
 
 
 def _plain(image: torch.Tensor, target: Target) -> tuple[torch.Tensor, Target]:
@@ -72,20 +85,17 @@ class _Detection(Dataset):
 
     transform: v2.Transform
 
-    def _sample(
-        self, index: int
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    def _sample(self, index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
+        """(image (3, H, W) uint8, {boxes, labels, iscrowd, area}, image id)."""
         raise NotImplementedError
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, Target]:
-        image, boxes, labels, iscrowd, image_id = self._sample(index)
+        image, objects, image_id = self._sample(index)
         h, w = image.shape[-2:]
-        target = {
-            "boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(h, w)),
-            "labels": labels,
-            "iscrowd": iscrowd,
-            "image_id": image_id,
-        }
+        boxes = tv_tensors.BoundingBoxes(objects["boxes"], format="XYXY", canvas_size=(h, w))
+        # `area` stays in the pixels of the file: evaluation resizes nothing here (the model maps
+        # its detections back to them), and no training loss reads it.
+        target = {**objects, "boxes": boxes, "image_id": image_id}
         return _plain(*self.transform(tv_tensors.Image(image), target))
 
 
@@ -101,9 +111,7 @@ class RecordDataset(_Detection):
     def aspect_ratios(self) -> list[float]:
         return [r.width / r.height for r in self.records]
 
-    def _sample(
-        self, index: int
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    def _sample(self, index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
         r = self.records[index]
         pil = open_image(r.file, record=f"image id {r.image_id}")  # RGB, or an OSError naming it
         image = v2.functional.pil_to_tensor(pil)  # (3, H, W) uint8
@@ -112,13 +120,13 @@ class RecordDataset(_Detection):
                 f"{r.file} (image id {r.image_id}) is {image.shape[-1]}x{image.shape[-2]} but its "
                 f"annotation says {r.width}x{r.height}: the boxes would not match the pixels"
             )
-        return (
-            image,
-            torch.from_numpy(r.boxes).float(),
-            torch.from_numpy(r.labels).long(),
-            torch.from_numpy(r.iscrowd).bool(),
-            r.image_id,
-        )
+        objects = {
+            "boxes": torch.from_numpy(r.boxes).float(),
+            "labels": torch.from_numpy(r.labels).long(),
+            "iscrowd": torch.from_numpy(r.iscrowd).bool(),
+            "area": torch.from_numpy(r.area).float(),  # COCO's `area`, else the box's
+        }
+        return image, objects, r.image_id
 
 
 class DigitScenes(_Detection):
@@ -133,48 +141,48 @@ class DigitScenes(_Detection):
     def aspect_ratios(self) -> list[float]:
         return [1.0] * len(self.canvas)
 
-    def _sample(
-        self, index: int
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    def _sample(self, index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
         s = self.canvas[index]
-        n = len(s["labels"])
-        return s["image"], s["boxes"], s["labels"], torch.zeros(n, dtype=torch.bool), index + 1
-
-
-class GroupedBatchSampler(BatchSampler):
-    """Batches whose images share an aspect-ratio group (wide / tall): less padding per batch.
-
-    Takes Lightning's (distributed) sampler like a BatchSampler; leftovers of each group form a
-    last, smaller batch (none is repeated or dropped unless `drop_last`).
-    """
-
-    def __init__(
-        self, sampler: Sampler[int], batch_size: int, drop_last: bool, group_ids: list[int]
-    ) -> None:
-        super().__init__(sampler, batch_size, drop_last)
-        self.group_ids = group_ids
-
-    def __iter__(self) -> Iterator[list[int]]:
-        buckets: dict[int, list[int]] = {}
-        for i in self.sampler:
-            bucket = buckets.setdefault(self.group_ids[i], [])
-            bucket.append(i)
-            if len(bucket) == self.batch_size:
-                yield bucket[:]
-                bucket.clear()
-        if not self.drop_last:
-            yield from (b for b in buckets.values() if b)
-
-    def __len__(self) -> int:
-        counts: dict[int, int] = {}
-        for i in self.sampler:
-            counts[self.group_ids[i]] = counts.get(self.group_ids[i], 0) + 1
-        rnd = math.floor if self.drop_last else math.ceil
-        return sum(rnd(c / self.batch_size) for c in counts.values())
+        objects = {
+            "boxes": s["boxes"],
+            "labels": s["labels"],
+            "iscrowd": torch.zeros(len(s["labels"]), dtype=torch.bool),
+            "area": box_area(s["boxes"]),
+        }
+        return s["image"], objects, index + 1
 
 
 def _as_list(split: str | Sequence[str] | None) -> list[str]:
     return [] if split is None else [split] if isinstance(split, str) else list(split)
+
+
+def holdout_indices(n: int, holdout: int | float, seed: int) -> tuple[list[int], list[int]]:
+    """(train, val) positions of n images: a fixed, seeded val subset, the same on every rank and
+    in every run (`holdout` images if an int, that share of n if a float in (0, 1))."""
+    count = holdout if isinstance(holdout, int) else round(n * holdout)
+    if not 1 <= count < n:
+        raise ValueError(
+            f"val_holdout {holdout} holds out {count} of the {n} training images: it must leave "
+            "at least one image for val and one for training"
+        )
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    return sorted(order[count:]), sorted(order[:count])
+
+
+def _check_holdout(source: str, holdout: int | float | None, val_split: object) -> None:
+    if holdout is None:
+        return
+    if source == "digits":
+        raise ValueError("val_holdout is for coco / voc: digit scenes have their own val split")
+    if val_split is not None:
+        raise ValueError(
+            f"set val_split ({val_split}) or val_holdout ({holdout}), not both: both are the val set"
+        )
+    fraction = isinstance(holdout, float) and 0.0 < holdout < 1.0
+    if isinstance(holdout, bool) or not (fraction or isinstance(holdout, int) and holdout >= 1):
+        raise ValueError(
+            f"val_holdout must be a number of images >= 1 or a share in (0, 1), got {holdout!r}"
+        )
 
 
 def check_unique_ids(parts: list[RecordDataset]) -> None:
@@ -205,6 +213,10 @@ class DetectionDataModule(LightningDataModule):
     A list of splits is concatenated. `test_split` null: test on `val_split`. Each stage needs only
     the splits it reads (`fit`: train_split, val_split; `validate`: val_split; `test`, `predict`:
     test_split or val_split), checked in `setup(stage)`.
+
+    `val_holdout` (coco / voc, instead of `val_split`): a seeded, fixed subset of the train
+    split(s), N images (an int) or a share (a float in (0, 1)), is the val set and leaves the
+    training set: the checkpoint is chosen there, and the test split is reported once.
     """
 
     def __init__(
@@ -227,6 +239,7 @@ class DetectionDataModule(LightningDataModule):
         scale_jitter: tuple[float, float] | None = None,
         crop_size: int | None = None,
         group_aspect_ratio: bool = False,
+        val_holdout: int | float | None = None,
         batch_size: int = 8,
         eval_batch_size: int | None = None,
         num_workers: int = 0,
@@ -243,6 +256,7 @@ class DetectionDataModule(LightningDataModule):
             )
         if not 0.0 <= hflip_prob <= 1.0:
             raise ValueError(f"hflip_prob must be in [0, 1], got {hflip_prob}")
+        _check_holdout(source, val_holdout, val_split)
         self.save_hyperparameters()
         self.classes = list(classes) if classes is not None else None
         if source == "digits":
@@ -254,6 +268,7 @@ class DetectionDataModule(LightningDataModule):
             self.category_names = {}  # read from the json in setup
         self.num_classes: int | None = max(self.category_names) + 1 if self.category_names else None
         self._sets: dict[str, Dataset] = {}
+        self._held: dict[str, list[ImageRecord]] = {}  # train / val records of a val_holdout
 
     # ------------------------------------------------------------------ transforms
 
@@ -273,7 +288,7 @@ class DetectionDataModule(LightningDataModule):
                     ),
                     v2.RandomCrop(side, pad_if_needed=True, fill=0),
                 ]
-            # boxes cropped away (or to < 1 px) go, with their labels and iscrowd flags
+            # boxes cropped away (or to < 1 px) go, with their labels, iscrowd flags and areas
             steps.append(v2.SanitizeBoundingBoxes(min_size=1.0, labels_getter=_sanitize_labels))
         return v2.Compose(steps)
 
@@ -319,7 +334,11 @@ class DetectionDataModule(LightningDataModule):
         hp = self.hparams
         owner = f"DetectionDataModule(source={hp.source!r})"
         option = {"train": "train_split", "val": "val_split", "test": "test_split"}[name]
-        splits = _as_list(getattr(hp, option))
+        if name == "val" and hp.val_holdout is not None:
+            option = "train_split (val_holdout carves the val images out of it)"
+            name, splits = "train", _as_list(hp.train_split)
+        else:
+            splits = _as_list(getattr(hp, option))
         if name == "test" and not splits:
             splits, option = _as_list(hp.val_split), "test_split (or val_split)"
         if not splits:
@@ -338,10 +357,22 @@ class DetectionDataModule(LightningDataModule):
         if hp.source == "digits":
             return self._digits(name, hp.train_length if train else hp.eval_length, train)
         splits = self._splits_of(name, stage)
+        if name != "test" and hp.val_holdout is not None:
+            return RecordDataset(self._holdout(splits)[name], self._transform(train))
         parts = [RecordDataset(self._records(s), self._transform(train)) for s in splits]
         if not train and len(parts) > 1:
             check_unique_ids(parts)
         return parts[0] if len(parts) == 1 else ConcatDataset(parts)
+
+    def _holdout(self, splits: list[str]) -> dict[str, list[ImageRecord]]:
+        """The train split(s) read once, dealt into train and the seeded val hold-out."""
+        if not self._held:
+            parts = [RecordDataset(self._records(s), self._transform(False)) for s in splits]
+            check_unique_ids(parts)  # val images are scored by id
+            records = [r for p in parts for r in p.records]
+            train, val = holdout_indices(len(records), self.hparams.val_holdout, self.hparams.seed)
+            self._held = {"train": [records[i] for i in train], "val": [records[i] for i in val]}
+        return self._held
 
     def setup(self, stage: str | None = None) -> None:
         """Build the splits `stage` reads (all three when stage is None); cached across calls."""
@@ -374,9 +405,11 @@ class DetectionDataModule(LightningDataModule):
                 train=True,
                 collate_fn=collate,
             )
-        # Lightning swaps in a DistributedSampler under DDP and keeps the grouping around it.
+        # Under DDP Lightning injects a DistributedSampler in place of `epochs`; the grouped
+        # sampler reads only its rank and epoch and deals equal numbers of batches (samplers.py).
+        epochs = EpochShuffleSampler(ds)
         sampler = GroupedBatchSampler(
-            torch.utils.data.RandomSampler(ds), hp.batch_size, False, self._aspect_groups(ds)
+            epochs, hp.batch_size, False, self._aspect_groups(ds), seed=epochs.seed
         )
         return DataLoader(
             ds,
@@ -384,6 +417,7 @@ class DetectionDataModule(LightningDataModule):
             num_workers=hp.num_workers,
             persistent_workers=hp.num_workers > 0,
             collate_fn=collate,
+            generator=torch.Generator().manual_seed(epochs.seed),  # workers' seeds: see make_loader
         )
 
     def _eval_loader(self, name: str) -> DataLoader:

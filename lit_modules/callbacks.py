@@ -91,6 +91,7 @@ class MetricsJSON(Callback):
         metrics = json.loads(path.read_text()) if path.exists() else {}
         for key, value in trainer.callback_metrics.items():
             v = float(value.item() if isinstance(value, torch.Tensor) else value)
+            v = 0.0 if v == 0 else v  # -0.0 (e.g. an entropy of exactly 0) reads as a bug
             metrics[key] = v if math.isfinite(v) else str(v)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(dict(sorted(metrics.items())), indent=2) + "\n")
@@ -126,24 +127,56 @@ class BestAndLastCheckpoint(ModelCheckpoint):
         super().setup(trainer, pl_module, stage)
 
 
+# The field naming a row's image: COCO results rows (detection) and the GAN's sample rows.
+IMAGE_KEYS = ("image_id", "index")
+
+
+def merge_rows(per_rank: list[list[dict]]) -> list[dict]:
+    """The rows of every rank as one list, sorted (stably) by their image key.
+
+    Evaluation loaders deal image i to rank i % W (`UnrepeatedDistributedSampler`, no image
+    repeated), so the union holds each image once; image ids (and GAN indices) ascend in the
+    data-set order of cnnlab's sets, so the sort gives the 1-process file's order, and the stable
+    sort keeps each image's rows in the module's order (detections by score).
+    """
+    rows = [row for part in per_rank for row in part]
+    key = next((k for k in IMAGE_KEYS if rows and all(k in r for r in rows)), None)
+    return rows if key is None else sorted(rows, key=lambda r: r[key])
+
+
+def _gather_rows(trainer: Trainer, rows: list[dict]) -> list[dict] | None:
+    """Every rank's rows on rank 0 (None on the others); this rank's rows on one process."""
+    if trainer.world_size == 1 or not torch.distributed.is_initialized():
+        return rows
+    per_rank: list[list[dict]] = [[] for _ in range(trainer.world_size)]
+    torch.distributed.all_gather_object(per_rank, rows)
+    return merge_rows(per_rank) if trainer.is_global_zero else None
+
+
 class PredictionsJSON(Callback):
     """`predict` writes `predictions.json` (the module's `format_predictions` rows) in the run dir.
 
-    A file of that name already there (an earlier predict) is kept: this one is `predictions-v1.json`.
+    Under DDP the ranks' rows are gathered and rank 0 writes ONE file, each image once, in the
+    data-set order (`merge_rows`). A file of that name already there (an earlier predict) is kept:
+    this one is `predictions-v1.json`.
     """
 
     def on_predict_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         fmt = getattr(pl_module, "format_predictions", None)
         outputs = trainer.predict_loop.predictions
-        if fmt is None or not outputs:
+        if fmt is None:
             return
         if outputs and isinstance(outputs[0], list):  # several predict loaders: the first
             outputs = outputs[0]
-        rank = f".rank{trainer.global_rank}" if trainer.world_size > 1 else ""
+        # every rank takes part in the gather (a rank may hold no image) and in log_dir
+        folder = run_dir(trainer)
+        rows = _gather_rows(trainer, fmt(outputs) if outputs else [])
+        if rows is None or (not rows and not outputs):
+            return
         # every predict is new output: an earlier file of that name is kept (predictions-v1.json)
-        path = free_path(run_dir(trainer) / f"predictions{rank}.json")
+        path = free_path(folder / "predictions.json")
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(fmt(outputs)) + "\n")
+        path.write_text(json.dumps(rows) + "\n")
         print(f"predictions: {path}")
 
 

@@ -3,9 +3,12 @@
 Training logs every loss term (`train/loss_classifier`, `train/loss_box_reg`,
 `train/loss_objectness`, `train/loss_rpn_box_reg`) and their sum `train/loss`. Validation and
 test report COCO-style box mAP from torchmetrics' `MeanAveragePrecision` with the
-`faster_coco_eval` backend (`val/map`, `val/map_50`, `val/map_75`, ...; `test/map*`), plus
-`test/images_per_s` (the detector's forward on this device, data loading excluded). Crowd /
-VOC-difficult boxes are ignored by the mAP and never trained on. `predict` returns COCO results
+`faster_coco_eval` backend (`val/map`, `val/map_50`, `val/map_75`, ...; `test/map*`; `map_50` is
+COCO's 101-point AP at IoU 0.5; the size buckets use the annotation's `area` when the target
+has one), beside `val/voc07_map_50` / `test/voc07_map_50`: PASCAL VOC 2007 11-point AP at IoU 0.5
+as the VOC devkit computes it, the metric of the R-CNN papers' tables. `test/images_per_s` is
+the detector's forward on this device, data loading excluded. Crowd / VOC-difficult boxes are
+ignored by both mAPs and never trained on. `predict` returns COCO results
 rows, written to `predictions.json` by the PredictionsJSON callback, and draws the predictions.
 """
 
@@ -23,7 +26,7 @@ from torchvision.utils import draw_bounding_boxes, make_grid
 
 from lit_modules.callbacks import check_labels
 from lit_modules.guard import NonFinitePolicy, finite_loss
-from lit_modules.metrics import ShardedMeanAveragePrecision
+from lit_modules.metrics import ShardedMeanAveragePrecision, VOC07MeanAveragePrecision
 from lit_modules.nets.detectors import ARCHS, build_faster_rcnn
 from lit_modules.visual import log_picture
 
@@ -56,8 +59,14 @@ def _new_map() -> ShardedMeanAveragePrecision:
 
 
 def _metric_targets(targets: list[dict[str, Any]]) -> list[dict[str, torch.Tensor]]:
+    """What both mAPs read; `area` (COCO's annotation area) sets the COCO size buckets if present."""
     return [
-        {"boxes": t["boxes"], "labels": t["labels"], "iscrowd": t["iscrowd"].long()}
+        {
+            "boxes": t["boxes"],
+            "labels": t["labels"],
+            "iscrowd": t["iscrowd"].long(),
+            **({"area": t["area"].float()} if "area" in t else {}),
+        }
         for t in targets
     ]
 
@@ -163,6 +172,7 @@ class FasterRCNNModule(LightningModule):
             box_detections_per_img=box_detections_per_img,
         )
         self.val_map, self.test_map = _new_map(), _new_map()
+        self.val_voc07, self.test_voc07 = VOC07MeanAveragePrecision(), VOC07MeanAveragePrecision()
         self._samples: tuple[list[torch.Tensor], list[dict], list[dict]] | None = None
         self._test_seconds, self._test_images = 0.0, 0
         self._step_start, self._train_seconds, self._train_steps = 0.0, 0.0, 0
@@ -219,18 +229,23 @@ class FasterRCNNModule(LightningModule):
         images, targets = batch
         preds = self(images)
         self.val_map.update(preds, _metric_targets(targets))
+        self.val_voc07.update(preds, _metric_targets(targets))
         k = self.hparams.num_sample_images
         if batch_idx == 0 and k > 0 and not self.trainer.sanity_checking:
             self._samples = (images[:k], preds[:k], targets[:k])
 
-    def _log_map(self, metric: ShardedMeanAveragePrecision, stage: str) -> None:
-        values = metric.compute()  # already synced across ranks
-        metric.reset()
+    def _log_map(
+        self, coco: ShardedMeanAveragePrecision, voc07: VOC07MeanAveragePrecision, stage: str
+    ) -> None:
+        values = coco.compute()  # already synced across ranks
+        coco.reset()
         for k in MAP_KEYS:
             self.log(f"{stage}/{k}", values[k].float(), prog_bar=k == "map")
+        self.log(f"{stage}/voc07_map_50", voc07.compute().float())  # synced too
+        voc07.reset()
 
     def on_validation_epoch_end(self) -> None:
-        self._log_map(self.val_map, "val")
+        self._log_map(self.val_map, self.val_voc07, "val")
         if self._samples is not None:
             images, preds, targets = self._samples
             self._samples = None
@@ -250,11 +265,12 @@ class FasterRCNNModule(LightningModule):
         self._test_seconds += time.perf_counter() - t0
         self._test_images += len(images)
         self.test_map.update(preds, _metric_targets(targets))
+        self.test_voc07.update(preds, _metric_targets(targets))
 
     def on_test_epoch_end(self) -> None:
         t0 = time.perf_counter()
-        self._log_map(self.test_map, "test")
-        self.log("test/map_seconds", time.perf_counter() - t0)  # the COCO evaluation itself
+        self._log_map(self.test_map, self.test_voc07, "test")
+        self.log("test/map_seconds", time.perf_counter() - t0)  # the COCO + VOC07 evaluation
         speed = self._test_images / max(self._test_seconds, 1e-9)
         self.log("test/images_per_s", speed, sync_dist=True)  # per device, mean over devices
 

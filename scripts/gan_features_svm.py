@@ -1,7 +1,10 @@
 """DCGAN §5.1 on the embedded digits: a GAN's discriminator as a feature extractor for a linear SVM.
 
-    python scripts/gan_features_svm.py --ckpt runs/digits_dcgan/version_0/checkpoints/last.ckpt
+    python scripts/gan_features_svm.py --ckpt runs/digits_dcgan/version_0/checkpoints/best-039.ckpt
     python scripts/gan_features_svm.py --ckpt ... --labels-per-class 10 100 --seeds 0 1 2 --out svm.json
+
+Pass the checkpoint whose FID you report (the one chosen on val/fid, `best-*.ckpt`): D and G of
+one checkpoint, so the SVM and the FID describe the same GAN (scripts/demo_gan.py does).
 
 Every hidden layer of D is max-pooled to 4x4 and the results concatenated (DCGAN's protocol),
 then a linear L2-SVM (sklearn LinearSVC, squared hinge) learns from N labelled digits per class
@@ -35,6 +38,9 @@ from datamodules.images import digits_images  # noqa: E402
 from lit_modules.nets.gan_nets import build_discriminator  # noqa: E402
 
 C_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+# C is chosen by stratified k-fold CV on the labelled digits: every fold needs one digit of each
+# class to validate on and one to train on, so k >= 2 folds and as many labels per class.
+MIN_LABELS_PER_CLASS = 2
 POOL = 4  # every layer max-pooled to 4x4 (DCGAN §5.1)
 
 
@@ -90,7 +96,13 @@ def svm_accuracy(
     train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray
 ) -> tuple[float, float]:
     """Test accuracy of a linear L2-SVM on standardised features, C by CV; (accuracy, C)."""
-    folds = min(5, int(np.bincount(train_y).min()))
+    fewest = int(np.bincount(train_y)[np.unique(train_y)].min())
+    if fewest < MIN_LABELS_PER_CLASS:
+        raise ValueError(
+            f"{fewest} labelled example(s) per class is too few to choose C by cross-validation: "
+            f"the minimum label budget is {MIN_LABELS_PER_CLASS} per class"
+        )
+    folds = min(5, fewest)
     svm = make_pipeline(StandardScaler(), LinearSVC(loss="squared_hinge", max_iter=20000))
     search = GridSearchCV(
         svm,
@@ -157,8 +169,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="label draws")
     parser.add_argument("--out", type=Path, default=None, help="JSON file (default: stdout only)")
     args = parser.parse_args(argv)
-    if any(not 1 <= n <= 400 for n in args.labels_per_class):
-        parser.error("--labels-per-class must be in 1..400 (the train split has 400 per class)")
+    low = MIN_LABELS_PER_CLASS
+    if any(not low <= n <= 400 for n in args.labels_per_class):
+        parser.error(
+            f"--labels-per-class {' '.join(map(str, args.labels_per_class))}: each budget must be "
+            f"in {low}..400 ({low} per class is the minimum for choosing C by {low}-fold "
+            "cross-validation; the train split has 400 per class)"
+        )
     try:
         result = run_svm(args.ckpt, args.labels_per_class, tuple(args.seeds))
     except (OSError, ValueError) as err:

@@ -2,8 +2,10 @@
 
 Every detection reader in cnnlab returns `ImageRecord`s: one image file, its size, and its
 boxes as 0-based xyxy float32 pixels (x2, y2 exclusive, COCO's `[x, y, w, h]` -> `[x, y, x+w, y+h]`),
-labels (the data set's own category ids; 0 is background), and `iscrowd` (COCO crowd regions,
-VOC `difficult` objects): ignored by the mAP, not trained on.
+labels (the data set's own category ids; 0 is background), `iscrowd` (COCO crowd regions,
+VOC `difficult` objects): ignored by the mAP, not trained on, and `area`: COCO's annotation
+`area` (the segment's pixels, which COCOeval's small / medium / large buckets use), the box's area
+when an annotation has none, and for VOC.
 
 Bad input is an error naming the file and the record, raised when the file is read (at setup):
 an empty or malformed json, no images, two images (or two annotations) with one id, an image entry
@@ -40,6 +42,14 @@ class ImageRecord:
     boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))  # (N, 4) xyxy
     labels: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # (N,)
     iscrowd: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  # (N,)
+    # (N,) object areas in pixels: COCO's `area` (the segment's, what its size buckets use), else
+    # the box's; None (records built by hand) means the box areas
+    area: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.area is None:
+            b = self.boxes
+            self.area = ((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])).astype(np.float32)
 
 
 @dataclass
@@ -133,6 +143,12 @@ def _check_annotations(data: dict[str, Any], path: Path, categories: dict[int, s
         bbox = ann.get("bbox")
         if not isinstance(bbox, list) or len(bbox) != 4 or not all(_number(v) for v in bbox):
             raise ValueError(f"{where}: bbox must be [x, y, w, h] numbers, got {bbox!r}")
+        if "area" in ann and not (_number(ann["area"]) and ann["area"] >= 0):
+            raise ValueError(f"{where}: area must be a number >= 0, got {ann['area']!r}")
+
+
+def _box_area(xyxy: list[float]) -> float:
+    return (xyxy[2] - xyxy[0]) * (xyxy[3] - xyxy[1])
 
 
 def _number(value: Any) -> bool:
@@ -167,7 +183,7 @@ def read_coco(
                 f"{ann_file}: image id {image_id} refers to missing file {file}"
             )
         w, h = int(info["width"]), int(info["height"])
-        boxes, labels, crowd = [], [], []
+        boxes, labels, crowd, area = [], [], [], []
         for ann in coco.imgToAnns.get(image_id, []):
             x, y, bw, bh = (float(v) for v in ann["bbox"])
             box = clean_box([x, y, x + bw, y + bh], w, h, f"annotation id {ann['id']}", check)
@@ -176,6 +192,8 @@ def read_coco(
             boxes.append(box)
             labels.append(int(ann["category_id"]))
             crowd.append(bool(ann.get("iscrowd", 0)))
+            # the object's own area (COCO: its segment's) when given: COCOeval's size buckets
+            area.append(float(ann["area"]) if "area" in ann else _box_area(box))
         records.append(
             ImageRecord(
                 image_id=int(image_id),
@@ -185,6 +203,7 @@ def read_coco(
                 boxes=np.asarray(boxes, np.float32).reshape(-1, 4),
                 labels=np.asarray(labels, np.int64),
                 iscrowd=np.asarray(crowd, bool),
+                area=np.asarray(area, np.float32),
             )
         )
     check.warn(ann_file)
@@ -198,8 +217,8 @@ def coco_dict(records: list[ImageRecord], categories: dict[int, str]) -> dict[st
         images.append(
             {"id": r.image_id, "file_name": r.file.name, "width": r.width, "height": r.height}
         )
-        for box, label, crowd in zip(
-            r.boxes.tolist(), r.labels.tolist(), r.iscrowd.tolist(), strict=True
+        for box, label, crowd, area in zip(
+            r.boxes.tolist(), r.labels.tolist(), r.iscrowd.tolist(), r.area.tolist(), strict=True
         ):
             x1, y1, x2, y2 = box
             annotations.append(
@@ -208,7 +227,7 @@ def coco_dict(records: list[ImageRecord], categories: dict[int, str]) -> dict[st
                     "image_id": r.image_id,
                     "category_id": int(label),
                     "bbox": [x1, y1, x2 - x1, y2 - y1],  # xywh
-                    "area": (x2 - x1) * (y2 - y1),  # box area: what the mAP's size ranges use
+                    "area": area,  # the record's (box area unless read from COCO's `area`)
                     "iscrowd": int(crowd),
                 }
             )

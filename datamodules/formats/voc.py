@@ -6,7 +6,8 @@ VOC boxes are 1-based and pixel-inclusive (`xmin=1, xmax=W` covers the whole ima
 hold them 0-based with exclusive ends (`x1 = xmin - 1`, `x2 = xmax`), the convention of every
 other cnnlab reader, and the writer inverts it. Objects marked `difficult` are kept with
 `iscrowd=True`: VOC's protocol neither rewards nor penalises detecting them, and the COCO-style
-mAP treats crowd boxes the same way. Labels are 1 + the class's index in `classes`.
+mAP treats crowd boxes the same way. Labels are 1 + the class's index in `classes`; an object's
+`area` is its box's (VOC gives no other).
 
 Bad input is an error naming the file and the object, raised when the set is read (at setup): an
 empty image-set list, an id listed twice (or two ids that are one number, 000005 and 5), a missing

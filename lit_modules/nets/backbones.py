@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import pickle
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import torch
 import torchvision
@@ -147,6 +149,18 @@ def torchvision_weights(model: str | Callable[..., nn.Module], weights: str) -> 
             f"unknown weights {weights!r} for {name}; valid: DEFAULT, {', '.join(valid)}, null, or a file path"
         )
     return enum[key]
+
+
+@contextmanager
+def state_instead_of_download(member: Any, state: dict[str, torch.Tensor]) -> Iterator[Any]:
+    """Within the block, torchvision weights enum `member` "downloads" `state`.
+
+    A torchvision builder given `member` builds what it builds for pretrained weights
+    (FrozenBatchNorm2d, the default trainable stages, ...) and loads `state` strictly: weights
+    from a file then give the very module that the same weights by name give.
+    """
+    with mock.patch.object(type(member), "get_state_dict", lambda self, *a, **k: state):
+        yield member
 
 
 def _is_file_path(weights: str) -> bool:

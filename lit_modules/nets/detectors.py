@@ -7,7 +7,8 @@ happen inside, in `GeneralizedRCNNTransform`). Nothing here imports Lightning.
 
 Architectures (`arch`):
 - `resnet50_fpn`, `resnet50_fpn_v2`, `mobilenet_v3_large_fpn`: torchvision's published models;
-  `weights` (COCO) and `weights_backbone` (ImageNet) by enum name or file.
+  `weights` (COCO) and `weights_backbone` (ImageNet) by enum name or file; a file builds the
+  module the name builds (FrozenBatchNorm2d, `trainable_backbone_layers`), then loads its tensors.
 - `resnet18_fpn`: a slim ResNet-18 + FPN (narrow FPN and box head) that trains on a CPU.
 - `transfer`: the conv stages of a cnnlab classifier checkpoint (`net.stages.*` keys, e.g. the
   digits network of `configs/transfer/digits_pretrain_source.yaml`) + FPN: the classifier's
@@ -17,6 +18,7 @@ Architectures (`arch`):
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,6 +37,7 @@ from lit_modules.nets.backbones import (
     build_backbone,
     build_torchvision,
     load_weights_file,
+    state_instead_of_download,
     torchvision_weights,
 )
 from lit_modules.nets.transfer_net import load_stages
@@ -43,6 +46,11 @@ TORCHVISION_DETECTORS: dict[str, Callable[..., FasterRCNN]] = {
     "resnet50_fpn": torchvision.models.detection.fasterrcnn_resnet50_fpn,
     "resnet50_fpn_v2": torchvision.models.detection.fasterrcnn_resnet50_fpn_v2,
     "mobilenet_v3_large_fpn": torchvision.models.detection.fasterrcnn_mobilenet_v3_large_fpn,
+}
+TORCHVISION_BODIES = {
+    "resnet50_fpn": "resnet50",
+    "resnet50_fpn_v2": "resnet50",
+    "mobilenet_v3_large_fpn": "mobilenet_v3_large",
 }
 ARCHS = (*TORCHVISION_DETECTORS, "resnet18_fpn", "transfer")
 MNIST_MEAN, MNIST_STD = [0.1307] * 3, [0.3081] * 3  # what digits_cnn was trained with, per RGB
@@ -81,35 +89,84 @@ def _torchvision_detector(
     trainable_backbone_layers: int | None,
     **kwargs: Any,
 ) -> FasterRCNN:
-    builder = TORCHVISION_DETECTORS[arch]
-    file = weights if weights is not None and _is_file_path(weights) else None
-    wb = weights_backbone
-    if wb is not None and not _is_file_path(wb):
-        body_name = builder.__name__.removeprefix("fasterrcnn_").split("_fpn")[0]  # resnet50, ...
-        wb = torchvision_weights(body_name, wb)
-    pretrained = weights is not None and file is None
-    net = builder(
-        weights=torchvision_weights(builder, weights) if pretrained else None,
-        weights_backbone=None if (wb is None or isinstance(wb, str)) else wb,
-        num_classes=None if pretrained else num_classes,
-        trainable_backbone_layers=trainable_backbone_layers,
-        **kwargs,
-    )
-    if isinstance(wb, str):  # an ImageNet state dict on disk for the body
-        body = net.backbone.body
-        missing, unexpected = body.load_state_dict(load_weights_file(wb), strict=False)
-        if len(unexpected) and not all(k.startswith(("fc.", "classifier.")) for k in unexpected):
-            raise ValueError(
-                f"weights_backbone {wb} does not match {arch}'s body: {unexpected[:5]}"
-            )
-    if file is not None:
-        state = load_weights_file(file)
-        state = {k.removeprefix("net."): v for k, v in state.items()}
+    """torchvision's detector; weights from a file build the same module as weights by name.
+
+    torchvision decides FrozenBatchNorm2d and the trainable stages from whether it is handed a
+    weights enum, so a file goes in as that enum, loading the file's tensors instead of the
+    download (`state_instead_of_download`). Only a detector file not named as torchvision's
+    download keeps FrozenBatchNorm2d's eps 1e-5 where COCO_V1 of resnet50_fpn by name sets 0
+    (eps is not in a state dict).
+    """
+    builder, body = TORCHVISION_DETECTORS[arch], TORCHVISION_BODIES[arch]
+    common = {"trainable_backbone_layers": trainable_backbone_layers, **kwargs}
+    if weights is not None and _is_file_path(weights):
+        net = _detector_from_file(arch, weights, common)
+    elif weights is not None:
+        net = builder(weights=torchvision_weights(builder, weights), **common)
+    elif weights_backbone is not None and _is_file_path(weights_backbone):
+        member = torchvision_weights(body, "DEFAULT")
+        state = _classifier_state(body, weights_backbone)
         try:
-            net.load_state_dict(state)
-        except RuntimeError as err:
-            raise ValueError(f"weights file {file} does not match {arch}: {err}") from err
+            with state_instead_of_download(member, state):
+                net = builder(weights_backbone=member, num_classes=num_classes, **common)
+        except RuntimeError as err:  # tensor shapes of another net
+            raise ValueError(
+                f"weights_backbone {weights_backbone} does not match {arch}'s {body}: {err}"
+            ) from err
+    else:
+        wb = None if weights_backbone is None else torchvision_weights(body, weights_backbone)
+        net = builder(weights_backbone=wb, num_classes=num_classes, **common)
     _replace_predictor(net, num_classes)
+    return net
+
+
+def _classifier_state(name: str, path: str | None) -> dict[str, torch.Tensor]:
+    """A full state dict of torchvision classifier `name` (what its ImageNet download holds): the
+    file's tensors, or random ones for None. The classification head is random either way (the
+    detector drops it), so a body saved alone or with another head loads too."""
+    full = torchvision.models.get_model(name, weights=None).state_dict()
+    if path is None:
+        return full
+    head = ("fc.", "classifier.")
+    state = {k: v for k, v in load_weights_file(path).items() if not k.startswith(head)}
+    missing = [
+        k
+        for k in full
+        if k not in state and not k.startswith(head) and not k.endswith("num_batches_tracked")
+    ]
+    unexpected = [k for k in state if k not in full]
+    if missing or unexpected:
+        raise ValueError(
+            f"weights_backbone {path} is not a {name} state dict: "
+            f"missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    return {**full, **state}
+
+
+def _detector_from_file(arch: str, path: str, common: dict[str, Any]) -> FasterRCNN:
+    """`arch` from a detector state dict or FasterRCNNModule checkpoint, built as by name.
+
+    torchvision's own file (named as its download URL) goes in as its enum member: exactly the
+    by-name build. Any other file (a cnnlab checkpoint, any number of classes) builds the
+    pretrained-backbone structure, which is what `weights` by name builds too, then loads.
+    """
+    builder = TORCHVISION_DETECTORS[arch]
+    state = {k.removeprefix("net."): v for k, v in load_weights_file(path).items()}
+    scores = state.get("roi_heads.box_predictor.cls_score.weight")  # (classes, D)
+    if scores is None:
+        raise ValueError(f"weights file {path} holds no detector (no roi_heads.box_predictor)")
+    enum = torchvision.models.get_model_weights(builder)
+    member = next((m for m in enum if Path(m.url).name == Path(path).name), None)
+    try:
+        if member is not None:
+            with state_instead_of_download(member, state):
+                return builder(weights=member, **common)
+        body = torchvision_weights(TORCHVISION_BODIES[arch], "DEFAULT")
+        with state_instead_of_download(body, _classifier_state(TORCHVISION_BODIES[arch], None)):
+            net = builder(weights_backbone=body, num_classes=scores.shape[0], **common)
+        net.load_state_dict(state)
+    except RuntimeError as err:
+        raise ValueError(f"weights file {path} does not match {arch}: {err}") from err
     return net
 
 
