@@ -223,8 +223,11 @@ class DigitsDataModule(LightningDataModule):
     """MNIST-5k digits for classification and transfer (Yosinski et al.'s A/B split).
 
     `classes` picks the task (labels are remapped to 0..K-1 in that order): the source task is
-    digits 0-4 and the target task digits 5-9. `labels_per_class` is the target's label budget
-    (train split only). With `source_classes`, `test` also evaluates the source task (second test
+    digits 0-4 and the target task digits 5-9. `labels_per_class` is the target's label budget,
+    and it budgets val too: a few-label run must not choose its checkpoint (or its regulariser)
+    on 50 fully labelled val digits per class, more labels than it trains on. By default val keeps
+    `min(labels_per_class, 50)` digits per class (the same budget, capped by val's 50; drawn with
+    `seed`); `val_labels_per_class` sets another number (50: all of val). With `source_classes`, `test` also evaluates the source task (second test
     loader), so a transferred model reports `test/source_acc` -- catastrophic forgetting.
     `image_size`/`channels`/`normalize` adapt the digits to ImageNet backbones (e.g. 64, 3, imagenet).
     `seed` draws the label budget; the train/val/test split itself is always `load_mnist5k()`'s,
@@ -236,6 +239,7 @@ class DigitsDataModule(LightningDataModule):
         classes: list[int] | None = None,
         source_classes: list[int] | None = None,
         labels_per_class: int | None = None,
+        val_labels_per_class: int | None = None,
         batch_size: int = 128,
         num_workers: int = 0,
         image_size: int = 28,
@@ -257,6 +261,11 @@ class DigitsDataModule(LightningDataModule):
             raise ValueError(
                 f"labels_per_class must be in 1..{_PER_CLASS['train']} or null, got {labels_per_class}"
             )
+        if val_labels_per_class is not None and not 1 <= val_labels_per_class <= _PER_CLASS["val"]:
+            raise ValueError(
+                f"val_labels_per_class must be in 1..{_PER_CLASS['val']} or null, "
+                f"got {val_labels_per_class}"
+            )
         if channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {channels}")
         if normalize not in ("digits", "imagenet"):
@@ -265,6 +274,9 @@ class DigitsDataModule(LightningDataModule):
             raise ValueError(f"max_eval_samples must be >= 1 or null, got {max_eval_samples}")
         self.num_classes = len(self.classes)
         self.class_names = [str(c) for c in self.classes]
+        self.val_budget = val_labels_per_class
+        if val_labels_per_class is None and labels_per_class is not None:
+            self.val_budget = min(labels_per_class, _PER_CLASS["val"])
         self._sets: dict[str, Dataset] = {}
 
     def _preprocess(self) -> v2.Compose:
@@ -304,7 +316,7 @@ class DigitsDataModule(LightningDataModule):
         limit = hp.max_eval_samples
         if "train" not in self._sets:
             self._sets["train"] = self._subset("train", self.classes, hp.labels_per_class, None)
-            self._sets["val"] = self._subset("val", self.classes, None, limit)
+            self._sets["val"] = self._subset("val", self.classes, self.val_budget, limit)
             self._sets["test"] = self._subset("test", self.classes, None, limit)
             if hp.source_classes:
                 self._sets["source_test"] = self._subset(

@@ -6,6 +6,14 @@ Nothing downloads unless `download: true` (CIFAR-10 and CelebA, in `prepare_data
 
 `predict` feeds sample indices 0..num_samples-1, not images: the GAN turns index i into its own
 seeded latent vector, so sample i is the same picture on any number of devices.
+
+No model selection on the test images: val (which chooses the checkpoint by `val/fid`) and test
+are disjoint in every data set. The test split is the FID's real *reference*
+(`test_reference: test`, or a seeded half of the training images with `test_reference: train`,
+for data whose test split is too small for a stable FID, like the 500 embedded test digits), and
+with `fid_floor` its items are dicts `{"image", "floor"}`: `floor` marks a second real set,
+disjoint from the reference and as large, drawn (seeded) from the training images. The GAN scores
+it as `test/fid_floor`: the FID of real against real at these sample counts, the best a G can get.
 """
 
 from __future__ import annotations
@@ -19,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_warn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 from torchvision import datasets
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import v2
@@ -152,6 +160,24 @@ class _Subset(Dataset):
         return self.transform(to_mode(image, self.channels))
 
 
+class _Tagged(Dataset):
+    """Test items `{"image": (C, S, S), "floor": bool}`: the reference, or the floor's real set."""
+
+    def __init__(self, base: Dataset, floor: bool) -> None:
+        self.base, self.floor = base, floor
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"image": self.base[i], "floor": torch.tensor(self.floor)}
+
+
+def seeded_order(n: int, seed: int) -> list[int]:
+    """A fixed permutation of 0..n-1 (the same on every rank and run)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+
+
 class _Indices(Dataset):
     """0..n-1 as int64 scalars: which latent vectors `predict` draws."""
 
@@ -181,14 +207,16 @@ class ImageDataModule(LightningDataModule):
       2 black pixels to 32x32 (64: then resized), one channel (3: repeated).
     - `imagefolder` / `lsun`: every image under `root` (any sub-folders; class folders are
       ignored). With split folders under root (`train/`, `val/`, optional `test/`; test falls
-      back to val/), each stage reads only its own; otherwise `val_fraction` of every image is
-      held out (seeded). Headers are checked at setup: an unreadable (corrupt, truncated) file
+      val/test: the checkpoint is chosen on val/, so test/ must be there to test), each stage
+      reads only its own; otherwise `val_fraction` of every image is held out (seeded) for val
+      and a disjoint `test_fraction` for test. Headers are checked at setup: an unreadable (corrupt, truncated) file
       is an error naming it; modes other than the wanted one (L, P, RGBA, CMYK, 16-bit...) are
       converted (`datamodules.formats.image`) with one warning giving the count, or rejected
       with `mixed_modes: error`.
     - `celeba`: torchvision's layout under `root/celeba`, its train/valid/test split, resized
       and centre-cropped to `image_size` (64 in DCGAN's experiments).
-    - `cifar10`: train split for training, test split (10,000) for val and test.
+    - `cifar10`: a seeded `val_fraction` of the train batches is held out for val; the rest
+      trains; the test batch (10,000) is the test.
     """
 
     def __init__(
@@ -201,6 +229,9 @@ class ImageDataModule(LightningDataModule):
         num_workers: int = 0,
         download: bool = False,
         val_fraction: float = 0.05,
+        test_fraction: float | None = None,
+        test_reference: Literal["test", "train"] = "test",
+        fid_floor: bool = True,
         mixed_modes: Literal["convert", "error"] = "convert",
         check_images: bool = True,
         max_eval_samples: int | None = None,
@@ -210,6 +241,15 @@ class ImageDataModule(LightningDataModule):
         """
         Args:
             channels: 1 (grayscale) or 3 (RGB); images are converted to it.
+            val_fraction: imagefolder/lsun without split folders, and cifar10: the share of the
+                (training) images held out, seeded, for val.
+            test_fraction: imagefolder/lsun without split folders: the share held out for test,
+                disjoint from val (null: as large as val_fraction).
+            test_reference: the test FID's real images: the `test` split, or `train`: a seeded
+                half of the training images (at most max_eval_samples; the floor's set is the
+                other half).
+            fid_floor: test also yields a second real set (as many training images as the
+                reference, disjoint from it), marked `floor`, for `test/fid_floor`.
             mixed_modes: imagefolder/lsun: `convert` other modes to the wanted one, or `error`.
             check_images: imagefolder/lsun: read every header at setup (turn off for millions).
             max_eval_samples: at most this many val/test images (the FID's real sample).
@@ -229,6 +269,10 @@ class ImageDataModule(LightningDataModule):
             )
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        if test_fraction is not None and not 0.0 < val_fraction + test_fraction < 1.0:
+            raise ValueError(f"test_fraction must be in (0, 1 - val_fraction), got {test_fraction}")
+        if test_reference not in ("test", "train"):
+            raise ValueError(f"test_reference must be test or train, got {test_reference!r}")
         if max_eval_samples is not None and max_eval_samples < 2:
             raise ValueError(
                 f"max_eval_samples must be >= 2 (an FID needs two) or null, got {max_eval_samples}"
@@ -262,14 +306,49 @@ class ImageDataModule(LightningDataModule):
             "celeba": self._celeba,
             "cifar10": self._cifar10,
         }
-        limit = self.hparams.max_eval_samples
+        self._build = builders[self.hparams.dataset]
         for split in stage_splits(stage):
             if split in self._sets:
                 continue
-            data = builders[self.hparams.dataset](split, stage)
-            if split != "train" and limit is not None and len(data) > limit:
-                data = torch.utils.data.Subset(data, range(limit))
-            self._sets[split] = data
+            if split == "test":
+                self._sets[split] = self._test_set(stage)
+            else:
+                self._sets[split] = self._limited(self._build(split, stage), split)
+
+    def _limited(self, data: Dataset, split: str) -> Dataset:
+        limit = self.hparams.max_eval_samples
+        if split != "train" and limit is not None and len(data) > limit:
+            return Subset(data, range(limit))
+        return data
+
+    def _test_set(self, stage: str | None) -> Dataset:
+        """The FID's real reference, plus (`fid_floor`) as many other real images tagged floor."""
+        hp = self.hparams
+        if hp.test_reference == "test" and not hp.fid_floor:
+            return self._limited(self._build("test", stage), "test")
+        try:
+            train = self._build("train", stage)
+        except FileNotFoundError as err:
+            raise FileNotFoundError(
+                f"{err} (test reads training images for the FID floor or reference: set "
+                "`fid_floor: false` and `test_reference: test` to test without them)"
+            ) from err
+        order = seeded_order(len(train), hp.seed + 1)
+        if hp.test_reference == "train":
+            n = len(train) // 2
+            n = n if hp.max_eval_samples is None else min(n, hp.max_eval_samples)
+            reference, others = Subset(train, order[:n]), order[n : 2 * n]
+        else:
+            reference = self._limited(self._build("test", stage), "test")
+            others = order[: len(reference)]
+        if not hp.fid_floor:
+            return reference
+        if len(others) < len(reference):
+            rank_zero_warn(
+                f"the FID floor compares {len(reference)} reference images with only "
+                f"{len(others)} other real images: the training split has no more"
+            )
+        return ConcatDataset([_Tagged(reference, False), _Tagged(Subset(train, others), True)])
 
     # --------------------------------------------------------------- builders
 
@@ -285,15 +364,28 @@ class ImageDataModule(LightningDataModule):
             raise FileNotFoundError(f"{hp.dataset}: image folder {self.root} does not exist{hint}")
         if any((self.root / s).is_dir() for s in SPLITS):
             folder = self.root / split
-            if split == "test" and not folder.is_dir():
-                folder = self.root / "val"  # no test/: test evaluates val/, as the FID does
             if not folder.is_dir():
-                what = f"{folder} does not exist (root has split folders: each stage reads its own)"
-                raise FileNotFoundError(stage_needs(hp.dataset, stage, split, what))
+                what = f"{folder} does not exist (root has split folders: each stage reads its own"
+                if split == "test":
+                    what += "; val/ chooses the checkpoint, so it cannot also be the test"
+                raise FileNotFoundError(stage_needs(hp.dataset, stage, split, what + ")"))
             return list_images(folder)
         every = list_images(self.root)
-        train_idx, val_idx = holdout_split(len(every), hp.val_fraction, hp.seed)
-        return [every[i] for i in (train_idx if split == "train" else val_idx)]
+        return [every[i] for i in self._three_way(len(every))[split]]
+
+    def _three_way(self, n: int) -> dict[str, list[int]]:
+        """Seeded, disjoint train / val / test indices of n images (val_fraction, test_fraction)."""
+        hp = self.hparams
+        test_fraction = hp.val_fraction if hp.test_fraction is None else hp.test_fraction
+        if n < 3:
+            raise ValueError(
+                f"{self.root}: need at least 3 images to hold out val and test, got {n}"
+            )
+        order = seeded_order(n, hp.seed)
+        n_val = max(1, round(n * hp.val_fraction))
+        n_test = max(1, min(n - n_val - 1, round(n * test_fraction)))
+        val, test = order[:n_val], order[n_val : n_val + n_test]
+        return {"train": sorted(order[n_val + n_test :]), "val": sorted(val), "test": sorted(test)}
 
     def _folder(self, split: str, stage: str | None) -> Dataset:
         hp = self.hparams
@@ -316,21 +408,24 @@ class ImageDataModule(LightningDataModule):
         return _Subset(data, range(len(data)), transform, self.channels)
 
     def _cifar10(self, split: str, stage: str | None) -> Dataset:
-        """Train on CIFAR-10's train batches; validate and test on its test batch (only the
-        batches of the split being read must be on disk)."""
+        """Train on CIFAR-10's train batches less a seeded `val_fraction` held out for val; test
+        on its test batch (only the batches of the split being read must be on disk)."""
         base = self.root / CIFAR10.base_folder
         if not base.is_dir():
             raise FileNotFoundError(
                 f"cifar10: {base} not found; pass `download: true` to fetch it into {self.root}"
             )
-        train = split == "train"
+        train = split != "test"
         try:
             data = CIFAR10(str(self.root), train=train, download=False)
         except RuntimeError as err:  # torchvision: "Dataset not found or corrupted"
             what = f"its {'train' if train else 'test'} batches are not all in {base} ({err})"
             raise FileNotFoundError(stage_needs("cifar10", stage, split, what)) from err
         transform = image_transform(self.image_size, self.channels)
-        return _Subset(data, range(len(data)), transform, self.channels)
+        if not train:
+            return _Subset(data, range(len(data)), transform, self.channels)
+        train_idx, val_idx = holdout_split(len(data), self.hparams.val_fraction, self.hparams.seed)
+        return _Subset(data, train_idx if split == "train" else val_idx, transform, self.channels)
 
     # --------------------------------------------------------------- loaders
 

@@ -5,10 +5,17 @@ boundaries, and the padding that makes different image sizes one batch).
 
 - `digits`: DigitCanvas semantic masks, classes 0 (background) and 1..10 (digit + 1). Fixed
   scenes per split, generated once per process.
-- `voc`: torchvision `VOCSegmentation` (2012): train on `train`, validate / test on `val`.
+- `voc`: torchvision `VOCSegmentation` (2012): train on `train`, test on `val`.
 - `sbd`: the paper's setting: train on SBD `train` (8,498 images, torchvision `SBDataset`),
-  validate / test on *seg11valid*: the 736 VOC2011 val images not in SBD train, read from the VOC
+  test on *seg11valid*: the 736 VOC2011 val images not in SBD train, read from the VOC
   folder with the list `val_list` (fcn.berkeleyvision.org's data/pascal/seg11valid.txt).
+
+Model selection (the best checkpoint by `val/miou`) must not see the test images: with
+`val_holdout: F` (the VOC configs use it), a seeded share F of the training list is held out as
+the val split (a fixed subset, disjoint from what trains and from the test split: SBD train and
+seg11valid share no image). Without it (null), val *is* the test split, with a warning. The
+digits scenes need neither: DigitCanvas val and test scenes are different scenes
+(`(split, index, seed)` seeds each) built from disjoint MNIST-5k digits (val vs test digits).
 
 Image and mask move together through `transforms.v2` (tv_tensors.Mask: nearest-neighbour
 resizing, padding with 255). Masks are read as class indices: VOC's palette PNGs give their
@@ -17,7 +24,8 @@ mask is checked against its image when the pair is read: same size, values in 0.
 otherwise an error names both files, the id and the problem.
 
 Each stage reads only its split: `fit` train + val, `validate` val, `test` / `predict` the test
-split (VOC: val, SBD: seg11valid), so evaluating needs no training data.
+split (VOC: val, SBD: seg11valid), so testing needs no training data (validating with
+`val_holdout` reads the training list, which holds the val images).
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import datasets, tv_tensors
 from torchvision.transforms import v2
 
+from datamodules.classification import holdout_split
 from datamodules.common import SPLIT_STAGE, make_loader, stage_needs, stage_splits
 from datamodules.digits import DIGITS_MEAN, DIGITS_STD, IMAGENET_MEAN, IMAGENET_STD, DigitCanvas
 from datamodules.formats.image import open_image
@@ -230,6 +239,7 @@ class SegmentationDataModule(LightningDataModule):
         root: str = "data/voc",
         voc_root: str | None = None,
         val_list: str | None = None,
+        val_holdout: float | None = None,
         download: bool = False,
         crop_size: int | None = 500,
         flip: bool = True,
@@ -255,6 +265,9 @@ class SegmentationDataModule(LightningDataModule):
             voc_root: sbd: the folder holding VOCdevkit/ (for seg11valid).
             val_list: sbd: the seg11valid id list; default
                 <voc_root>/VOCdevkit/VOC2012/ImageSets/Segmentation/seg11valid.txt.
+            val_holdout: voc / sbd: the share of the training list held out (seeded by `seed`,
+                the same on every rank and run) as the val split that chooses the checkpoint;
+                null: val is the test split (selection on the test images: a warning).
             crop_size: training crop (padded with 255 where the image is smaller); 500 covers
                 every VOC image, i.e. whole images as in the paper. null: no crop.
             flip: random horizontal mirroring of training images (never for digits).
@@ -269,6 +282,8 @@ class SegmentationDataModule(LightningDataModule):
             raise ValueError(f"crop_size must be >= 1 or null, got {crop_size}")
         if max_eval_samples is not None and max_eval_samples < 1:
             raise ValueError(f"max_eval_samples must be >= 1 or null, got {max_eval_samples}")
+        if val_holdout is not None and not 0.0 < val_holdout < 1.0:
+            raise ValueError(f"val_holdout must be in (0, 1) or null, got {val_holdout}")
         self.class_names = list(DIGIT_CLASSES if source == "digits" else VOC_CLASSES)
         self.num_classes = len(self.class_names)
         self.ignore_index = IGNORE
@@ -331,26 +346,51 @@ class SegmentationDataModule(LightningDataModule):
         check_files(images, masks, str(list_file))
         return SegmentationFiles(images, masks, self.num_classes, self._transform(train))
 
-    def _real(self, split: str) -> Dataset:
+    def _held_out(self, split: str) -> bool:
+        """Is `split` a part of the training list (train less the hold-out, or the hold-out)?"""
+        return split == "train" or (split == "val" and self.hparams.val_holdout is not None)
+
+    def _training_list(self, split: str) -> Dataset:
+        """SBD train / VOC2012 train, less (train) or only (val) the seeded `val_holdout`."""
         hp = self.hparams
-        if hp.source == "sbd" and split == "train":  # torchvision's layout: img/, cls/, train.txt
+        if hp.source == "sbd":  # torchvision's layout: img/, cls/, train.txt
             listed = Path(hp.root) / "train.txt"
             read_list(listed)  # a clear error if the folder or its list is missing
-            sbd = datasets.SBDataset(hp.root, image_set="train", mode="segmentation")
-            return self._files(sbd.images, sbd.masks, listed, train=True)
-        voc = self._voc_dir
-        lists = voc / "ImageSets" / "Segmentation"
+            ds = datasets.SBDataset(hp.root, image_set="train", mode="segmentation")
+        else:
+            listed = self._voc_dir / "ImageSets" / "Segmentation" / "train.txt"
+            self._check_voc_dir()
+            read_list(listed)
+            ds = datasets.VOCSegmentation(
+                str(self._voc_dir.parents[1]), year="2012", image_set="train"
+            )
+        images, masks = list(ds.images), list(ds.masks)
+        if hp.val_holdout is not None:
+            train_idx, val_idx = holdout_split(len(images), hp.val_holdout, hp.seed)
+            keep = train_idx if split == "train" else val_idx
+            images, masks = [images[i] for i in keep], [masks[i] for i in keep]
+        return self._files(images, masks, listed, train=split == "train")
+
+    def _check_voc_dir(self) -> None:
+        voc, hp = self._voc_dir, self.hparams
         if not voc.is_dir():
             raise FileNotFoundError(
                 f"PASCAL VOC folder {voc} not found: set `download: true`, or point "
                 f"`{'root' if hp.source == 'voc' else 'voc_root'}` at the folder holding VOCdevkit/"
             )
-        if hp.source == "voc":
-            name = "train" if split == "train" else "val"
-            read_list(lists / f"{name}.txt")
-            ds = datasets.VOCSegmentation(str(voc.parents[1]), year="2012", image_set=name)
-            return self._files(ds.images, ds.masks, lists / f"{name}.txt", split == "train")
-        listed = self._seg11valid()  # sbd: validate and test on seg11valid, as the paper does
+
+    def _real(self, split: str) -> Dataset:
+        hp = self.hparams
+        if self._held_out(split):
+            return self._training_list(split)
+        voc = self._voc_dir
+        lists = voc / "ImageSets" / "Segmentation"
+        self._check_voc_dir()
+        if hp.source == "voc":  # the test split (and val without val_holdout): VOC2012 val
+            read_list(lists / "val.txt")
+            ds = datasets.VOCSegmentation(str(voc.parents[1]), year="2012", image_set="val")
+            return self._files(ds.images, ds.masks, lists / "val.txt", train=False)
+        listed = self._seg11valid()  # sbd: test on seg11valid, as the paper does
         if not listed.is_file():
             raise FileNotFoundError(
                 f"{listed}: the seg11valid list (736 ids) not found; get it from {SEG11VALID_URL} "
@@ -384,8 +424,8 @@ class SegmentationDataModule(LightningDataModule):
         """`_real(split)`, its missing-file errors saying which stage needed the split."""
         hp = self.hparams
         owner = f"SegmentationDataModule(source={hp.source!r})"
-        if hp.source == "sbd" and split != "train" and hp.voc_root is None:
-            missing = "`voc_root` is not set (sbd validates and tests on VOC's seg11valid)"
+        if hp.source == "sbd" and not self._held_out(split) and hp.voc_root is None:
+            missing = "`voc_root` is not set (sbd tests on VOC's seg11valid)"
             raise ValueError(stage_needs(owner, stage, split, missing))
         try:
             return self._real(split)
@@ -394,6 +434,13 @@ class SegmentationDataModule(LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         """Build the splits `stage` reads (all three when stage is None); cached across calls."""
+        hp = self.hparams
+        if hp.source != "digits" and hp.val_holdout is None and "val" in stage_splits(stage):
+            rank_zero_warn(
+                f"source {hp.source}: val is the test split, so the best checkpoint is chosen on "
+                "the images that score it; set `val_holdout` (e.g. 0.05) to choose on a held-out "
+                "part of the training list"
+            )
         for split in stage_splits(stage):
             if split in self._sets:
                 continue

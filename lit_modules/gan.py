@@ -5,8 +5,12 @@ G's samples (binary cross-entropy), then G learns to fool the updated D, with th
 loss -log D(G(z)) of Goodfellow et al. (or the original minimax log(1 - D(G(z)))).
 
 Quality, measured offline every validation epoch on G's samples against the real val images:
-- `val/fid`: Fréchet distance between real and generated features. For the embedded digits the
-  features are the penultimate layer of a digits classifier (TransferClassifier, digits_cnn, 10
+- `val/fid`: Fréchet distance between real and generated features (`fid_samples` generated
+  samples, default one per real image). `test/fid` scores fresh noise (`eval_seeds`: val and
+  test never share a latent vector) against the data module's test reference, and
+  `test/fid_floor` is the FID between two disjoint real sets of the same size (the reference and
+  the batches marked `floor`): what a perfect G would score with these sample counts. For the
+  embedded digits the features are the penultimate layer of a digits classifier (TransferClassifier, digits_cnn, 10
   classes; `classifier_weights`), the usual MNIST stand-in for Inception. For real data
   (`fid_features: inception`), the standard Inception FID and `val/inception_score` when
   torch-fidelity and its weights are present; otherwise a warning and NaN, not a crash.
@@ -46,12 +50,30 @@ INCEPTION_URL = (
     f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILE}"
 )
 # Frozen feature extractors: rebuilt from their own files, never saved in a GAN checkpoint.
-_UNSAVED = ("judge.", "val_fid.inception.", "test_fid.inception.", "val_is.", "test_is.")
+_UNSAVED = (
+    "judge.",
+    "val_fid.inception.",
+    "test_fid.inception.",
+    "test_fid_floor.inception.",
+    "val_is.",
+    "test_is.",
+)
+# Latent streams of the evaluation stages: sample i of stage s is drawn from seed
+# sample_seed * 1_000_003 + STAGE_STREAM[s] + i, so val and test never share a vector (up to
+# 2**40 samples): the test FID is not the val FID of the checkpoint it chose. Predict keeps its
+# stream (offset 500,009: distinct from val's first 500,009 samples).
+STAGE_STREAM = {"val": 0, "test": 1 << 40, "predict": 500_009}
 
 
 def _check_choice(name: str, value: str, valid: tuple[str, ...]) -> None:
     if value not in valid:
         raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(valid)}")
+
+
+def eval_seeds(sample_seed: int, stage: str, indices: list[int]) -> list[int]:
+    """The latent seeds of samples `indices` of an evaluation `stage` (val, test or predict)."""
+    base = sample_seed * 1_000_003 + STAGE_STREAM[stage]
+    return [base + i for i in indices]
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -66,6 +88,18 @@ def image_grid(images: torch.Tensor, nrow: int) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- metrics
+
+
+class Precomputed(nn.Module):
+    """The FID's "feature extractor" when the features are computed once outside it (the digits
+    judge's, shared by the FID, the floor FID, confidence and class entropy): (B, D) -> (B, D)."""
+
+    def __init__(self, num_features: int) -> None:
+        super().__init__()
+        self.num_features = num_features
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features
 
 
 class ClassEntropy(Metric):
@@ -88,6 +122,13 @@ class ClassEntropy(Metric):
         return (-(p * p.clamp_min(1e-12).log()).sum()).clamp_min(0.0).float()  # no -0.0
 
 
+def inception_fid(path: Path) -> FrechetInceptionDistance:
+    """Inception FID (2048-d pool features, torch-fidelity's weights at `path`)."""
+    return FrechetInceptionDistance(
+        feature=2048, normalize=True, feature_extractor_weights_path=str(path)
+    )
+
+
 def inception_metrics(weights: str | None) -> tuple[Metric, Metric] | None:
     """Inception FID (2048-d pool features) and Inception Score, or None with a warning saying why."""
     try:
@@ -107,9 +148,7 @@ def inception_metrics(weights: str | None) -> tuple[Metric, Metric] | None:
             f"val/fid is NaN. Download {INCEPTION_URL} to {path}, or set model.inception_weights"
         )
         return None
-    fid = FrechetInceptionDistance(
-        feature=2048, normalize=True, feature_extractor_weights_path=str(path)
-    )
+    fid = inception_fid(path)
     net = NoTrainInceptionV3(
         name="inception-v3-compat",
         features_list=["logits_unbiased"],
@@ -146,6 +185,7 @@ class DCGANModule(LightningModule):
         interpolation_rows: int = 8,
         interpolation_steps: int = 10,
         sample_seed: int = 0,
+        fid_samples: int | None = None,
         nonfinite_loss: NonFinitePolicy = "stop",
     ) -> None:
         """
@@ -159,7 +199,10 @@ class DCGANModule(LightningModule):
             g_loss: `non_saturating` (-log D(G(z))) or `minimax` (log(1 - D(G(z))), saturates).
             fid_features: `digits` (the classifier at `classifier_weights`; a missing file only
                 warns and logs NaN), `inception` (torch-fidelity), or `none`.
-            sample_seed: seeds the fixed grid noise, the validation noise and predict's noise.
+            sample_seed: seeds the fixed grid noise and the evaluation noise (`eval_seeds`: val,
+                test and predict draw from disjoint streams).
+            fid_samples: generated samples per FID (val and test); null: one per real image of
+                the stage's reference. The literature: 10,000 (CIFAR-10) to 50,000.
         """
         super().__init__()
         _check_choice("arch", arch, ARCHS)
@@ -167,6 +210,10 @@ class DCGANModule(LightningModule):
         _check_choice("fid_features", fid_features, FID_FEATURES)
         if fid_features == "digits" and channels != 1:
             raise ValueError("fid_features digits scores 1-channel images: set channels: 1")
+        if fid_samples is not None and fid_samples < 2:
+            raise ValueError(
+                f"fid_samples must be >= 2 (an FID needs two) or null, got {fid_samples}"
+            )
         self.save_hyperparameters()
         self.automatic_optimization = False  # two optimisers, stepped in turn in training_step
         self.generator = build_generator(
@@ -190,7 +237,8 @@ class DCGANModule(LightningModule):
             num_grid_samples, latent_dim, generator=torch.Generator().manual_seed(sample_seed)
         )
         self.register_buffer("fixed_z", z)  # (N, latent): the same grid every epoch
-        self._num_real = 0  # real images seen this evaluation epoch, on this rank
+        self._num_real = 0  # reference images seen this evaluation epoch, on this rank
+        self._num_floor = 0  # floor images (a second real set) seen this test epoch, on this rank
         self.judge: DigitsJudge | None = None
         self._build_metrics()
         self.register_state_dict_post_hook(_drop_unsaved)
@@ -203,6 +251,7 @@ class DCGANModule(LightningModule):
             setattr(self, f"{stage}_is", None)
             setattr(self, f"{stage}_confidence", None)
             setattr(self, f"{stage}_entropy", None)
+        self.test_fid_floor: FrechetInceptionDistance | None = None
         if hp.fid_features == "digits":
             if hp.classifier_weights is None or not Path(hp.classifier_weights).is_file():
                 rank_zero_warn(
@@ -212,14 +261,12 @@ class DCGANModule(LightningModule):
                 )
                 return
             self.judge = DigitsJudge(hp.classifier_weights, mean=DIGITS_MEAN, std=DIGITS_STD)
+            width = self.judge.num_features
             for stage in ("val", "test"):
-                setattr(
-                    self,
-                    f"{stage}_fid",
-                    FrechetInceptionDistance(feature=self.judge, normalize=True),
-                )
+                setattr(self, f"{stage}_fid", FrechetInceptionDistance(feature=Precomputed(width)))
                 setattr(self, f"{stage}_confidence", MeanMetric())
                 setattr(self, f"{stage}_entropy", ClassEntropy(10))
+            self.test_fid_floor = FrechetInceptionDistance(feature=Precomputed(width))
         elif hp.fid_features == "inception":
             for stage in ("val", "test"):
                 pair = inception_metrics(hp.inception_weights)
@@ -227,6 +274,8 @@ class DCGANModule(LightningModule):
                     return
                 setattr(self, f"{stage}_fid", pair[0])
                 setattr(self, f"{stage}_is", pair[1])
+            default = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
+            self.test_fid_floor = inception_fid(Path(hp.inception_weights or default))
 
     # ------------------------------------------------------------------ checks
 
@@ -244,6 +293,8 @@ class DCGANModule(LightningModule):
         self._touch_all = self.trainer.world_size > 1
 
     def _images(self, batch: Any) -> torch.Tensor:
+        if isinstance(batch, dict):  # a test batch with floor images: {"image", "floor"}
+            batch = batch["image"]
         x = batch[0] if isinstance(batch, list | tuple) else batch  # (B, C, S, S) in [-1, 1]
         hp = self.hparams
         if x.ndim != 4 or x.shape[1:] != (hp.channels, hp.image_size, hp.image_size):
@@ -315,11 +366,29 @@ class DCGANModule(LightningModule):
     # ------------------------------------------------------------------ evaluation
 
     def _eval_step(self, batch: Any, batch_idx: int, stage: str) -> None:
-        real = self._images(batch)
-        self._num_real += real.shape[0]
+        """Real images: the reference of the stage's FID, or (test batches that mark them
+        `floor`) the second real set of the floor FID."""
+        images = self._images(batch)
+        floor = torch.zeros(len(images), dtype=torch.bool, device=images.device)
+        if isinstance(batch, dict) and "floor" in batch:
+            floor = batch["floor"].bool()  # (B,)
+        self._num_real += int((~floor).sum())
+        self._num_floor += int(floor.sum())
         fid = getattr(self, f"{stage}_fid")
-        if fid is not None:
-            fid.update(self._to_inception(real, stage), real=True)
+        floor_fid = self.test_fid_floor if stage == "test" else None
+        if fid is None:
+            return
+        x = self._fid_input(images, stage)  # judge features (B, 256), or Inception's images
+        if (~floor).any():
+            fid.update(x[~floor], real=True)
+            if floor_fid is not None:
+                floor_fid.update(x[~floor], real=True)
+        if floor.any() and floor_fid is not None:
+            floor_fid.update(x[floor], real=False)
+
+    def _fid_input(self, images: torch.Tensor, stage: str) -> torch.Tensor:
+        """What the FID metrics take: the judge's features (one pass, shared), or images."""
+        return self.judge(images) if self.judge is not None else self._to_inception(images, stage)
 
     def _to_inception(self, images: torch.Tensor, stage: str) -> torch.Tensor:
         if getattr(self, f"{stage}_is") is None:
@@ -328,28 +397,42 @@ class DCGANModule(LightningModule):
 
     @torch.no_grad()
     def _score_samples(self, stage: str) -> None:
-        """G's samples against the real images seen: one sample per real image, sample i from
-        seed i, rank r making samples r, r + W, r + 2W, ... So the samples, and the scores, are the
-        same on 1 or W processes, and every epoch is scored on the same latent vectors."""
+        """G's samples against the real images seen: `fid_samples` samples (default one per real
+        image), sample i from `eval_seeds(sample_seed, stage, [i])`, rank r making samples r,
+        r + W, r + 2W, ... So the samples, and the scores, are the same on 1 or W processes, every
+        epoch is scored on the same latent vectors, and test never reuses val's."""
         fid = getattr(self, f"{stage}_fid")
-        n = int(self.all_gather(torch.tensor(self._num_real, device=self.device)).sum())
-        self._num_real = 0
-        seeds = list(range(self.global_rank, n, self.trainer.world_size))
-        base = self.hparams.sample_seed * 1_000_003
+        counts = torch.tensor([self._num_real, self._num_floor], device=self.device)
+        num_real, num_floor = (int(v) for v in self.all_gather(counts).reshape(-1, 2).sum(0))
+        self._num_real = self._num_floor = 0
+        n = self.hparams.fid_samples or num_real
+        if self.trainer.sanity_checking or self.trainer.fast_dev_run:
+            n = num_real  # a smoke check, not a measurement: one sample per real image
+        seeds = eval_seeds(
+            self.hparams.sample_seed,
+            stage,
+            list(range(self.global_rank, n, self.trainer.world_size)),
+        )
         inception_score = getattr(self, f"{stage}_is")
         chunk = 256  # samples per forward: memory only, the result does not depend on it
         for start in range(0, len(seeds), chunk):
-            fake = self.generator(self._seeded_z([base + i for i in seeds[start : start + chunk]]))
+            fake = self.generator(self._seeded_z(seeds[start : start + chunk]))
             if inception_score is not None:
                 inception_score.update(self._to_inception(fake, stage))
+            x = self._fid_input(fake, stage) if fid is not None else None
             if fid is not None:
-                fid.update(self._to_inception(fake, stage), real=False)
+                fid.update(x, real=False)
             if self.judge is not None:
-                top, pred = self.judge.probs(fake).max(1)  # (B,), (B,)
+                top, pred = self.judge.classifier(x).softmax(1).max(1)  # (B,), (B,)
                 getattr(self, f"{stage}_confidence").update(top)
                 getattr(self, f"{stage}_entropy").update(pred)
         if fid is not None:
             self.log(f"{stage}/fid", fid)
+        if stage == "test" and self.test_fid_floor is not None:
+            if num_floor >= 2:
+                self.log("test/fid_floor", self.test_fid_floor)  # logged metrics reset themselves
+            else:
+                self.test_fid_floor.reset()  # no floor set in this data: nothing to report
         if self.judge is not None:
             self.log(f"{stage}/digit_confidence", getattr(self, f"{stage}_confidence"))
             self.log(f"{stage}/class_entropy", getattr(self, f"{stage}_entropy"))
@@ -402,7 +485,7 @@ class DCGANModule(LightningModule):
 
     def predict_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
         index = (batch[0] if isinstance(batch, list | tuple) else batch).flatten().cpu()  # (B,)
-        seeds = [self.hparams.sample_seed * 1_000_003 + 500_009 + int(i) for i in index]
+        seeds = eval_seeds(self.hparams.sample_seed, "predict", index.tolist())
         images = to_uint8(self.generator(self._seeded_z(seeds)))  # (B, 3, S, S)
         if self.hparams.channels == 1:
             images = images[:, :1]

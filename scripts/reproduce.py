@@ -21,11 +21,18 @@ Reads configs/tables/TABLE.yaml and writes runs/tables/TABLE.md and runs/tables/
           overrides: ["--model.weights={root}/weights/digits_source.pt"]
     quick_setup:                   # optional: configs fit (not tested) before the --quick rows
       - transfer/digits_pretrain_source.yaml
+    selected_on: ...               # optional: the split that chooses the checkpoint (said in the
+    reported_on: ...               #   table) and the split the compared metrics come from
+    checkpoint: best               # optional (table or row): best (default) | last
 
 `{root}` in an override is the folder the runs go to (runs/tables/runs).
 
 Each row runs `fit` then `test` through scripts/train.py's CLI; its metrics come from the
-metrics.json that run wrote. `--quick` rows are marked as such in the output: their numbers are
+metrics.json that run wrote. The test metrics are those of the checkpoint CHOSEN ON VAL: the
+run's `best-*.ckpt` by the module's monitor (`val/acc`, `val/miou`, `val/fid`, ...), not the last
+weights, unless the table or row says `checkpoint: last` (a recipe that reports its final
+weights). Each row records which checkpoint, by which val metric, with its val score; the
+markdown says which split chose the checkpoint and which metrics are compared with the paper's. `--quick` rows are marked as such in the output: their numbers are
 the embedded stand-in, not the paper's setting.
 """
 
@@ -43,7 +50,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone
 import yaml  # noqa: E402
 
 from lit_modules.callbacks import keep_previous  # noqa: E402
-from scripts.demo import CONFIGS, quiet_lightning, run_config  # noqa: E402
+from scripts.demo import CONFIGS, fit_args, quiet_lightning, run_config  # noqa: E402
+from scripts.train import main as cli_main  # noqa: E402
+
+CHECKPOINTS = ("best", "last")
 
 TABLES = CONFIGS / "tables"
 
@@ -60,11 +70,52 @@ def load_table(name: str) -> dict[str, Any]:
             raise SystemExit(f"error: {path}: row {i} lacks {', '.join(sorted(missing))}")
     if not table.get("rows") or not table.get("metrics"):
         raise SystemExit(f"error: {path}: a table needs `metrics` and at least one row")
+    for row in [table, *table["rows"]]:
+        if row.get("checkpoint", "best") not in CHECKPOINTS:
+            raise SystemExit(
+                f"error: {path}: checkpoint must be best or last, got {row['checkpoint']!r}"
+            )
     return table
 
 
+def fit_and_test(
+    config: str, name: str, root: Path, overrides: list[str], checkpoint: str = "best"
+) -> tuple[dict[str, float], dict[str, Any]]:
+    """`train.py fit`, then `test` of the checkpoint chosen on val (or the last weights).
+
+    Returns the run's metrics.json (test/* of that checkpoint; val/* of the final epoch) and how
+    the checkpoint was chosen: file, monitor, mode and its val score.
+    """
+    cli = cli_main(fit_args(config, name, root, overrides))
+    trainer = cli.trainer
+    callback = trainer.checkpoint_callback
+    best = getattr(callback, "best_model_path", "") if callback is not None else ""
+    monitor = getattr(callback, "monitor", None)
+    chosen: dict[str, Any] = {"checkpoint": "last weights", "monitor": None}
+    ckpt_path = None
+    if checkpoint == "best" and best:
+        score = callback.best_model_score
+        chosen = {
+            "checkpoint": Path(best).name,
+            "monitor": monitor,
+            "mode": callback.mode,
+            "val_score": None if score is None else float(score),
+        }
+        ckpt_path = best
+    elif checkpoint == "best":
+        print(f"[{name}] no best checkpoint by {monitor}: testing the last weights")
+    trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path, verbose=False)
+    metrics = json.loads((Path(trainer.log_dir) / "metrics.json").read_text())
+    return metrics, chosen
+
+
 def run_row(
-    row: dict[str, Any], quick: bool, root: Path, table: str, extra: list[str]
+    row: dict[str, Any],
+    quick: bool,
+    root: Path,
+    table: str,
+    extra: list[str],
+    checkpoint: str = "best",
 ) -> dict[str, Any]:
     if quick and "quick" not in row:  # needs the real data: listed, not run
         return {
@@ -81,27 +132,53 @@ def run_row(
     overrides = [o.replace("{root}", str(root)) for o in spec.get("overrides", [])]
     name = f"{table}_{row['name']}".replace(" ", "_").replace("/", "_")
     t0 = time.perf_counter()
-    metrics = run_config(config, name, root, [*overrides, *extra])
+    checkpoint = row.get("checkpoint", checkpoint)
+    metrics, chosen = fit_and_test(config, name, root, [*overrides, *extra], checkpoint)
     return {
         "name": row["name"],
         "config": config,
         "quick": quick and "quick" in row,
         "metrics": metrics,
         "paper": row.get("paper", {}),
+        "selection": chosen,
         "seconds": round(time.perf_counter() - t0, 1),
+    }
+
+
+def protocol(table: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Which split chose each row's checkpoint, and which metrics are compared with the paper."""
+    monitors = sorted(
+        {r["selection"]["monitor"] for r in rows if r.get("selection", {}).get("monitor")}
+    )
+    last = table.get("checkpoint", "best") == "last"
+    default = (
+        "none: the last weights are tested"
+        if last
+        else f"the val split, best checkpoint by {', '.join(monitors) or 'the module monitor'}"
+    )
+    return {
+        "selected_on": table.get("selected_on", default),
+        "reported_on": table.get("reported_on", "the test split, once, with the chosen checkpoint"),
+        "compared": list(table["metrics"]),
+        "checkpoint": table.get("checkpoint", "best"),
     }
 
 
 def markdown(table: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     scale, cols = table.get("scale", 1), table["metrics"]
     head = " | ".join(f"{c} (paper / ours)" for c in cols)
+    proto = protocol(table, rows)
     lines = [
         f"# {table.get('title', 'table')}",
         "",
         f"Paper numbers: {table.get('source', '-')}",
         "",
-        f"| row | config | {head} | wall s |",
-        "|---|---|" + "---|" * len(cols) + "---|",
+        f"Checkpoint chosen on: {proto['selected_on']}.",
+        f"Reported (compared with the paper): {', '.join(proto['compared'])} on "
+        f"{proto['reported_on']}.",
+        "",
+        f"| row | config | {head} | chosen checkpoint (val score) | wall s |",
+        "|---|---|" + "---|" * len(cols) + "---|---|",
     ]
     for r in rows:
         cells = []
@@ -114,9 +191,21 @@ def markdown(table: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         tag = " (quick: embedded stand-in)" if r["quick"] else ""
         tag = f" (not run: {r['skipped']})" if r.get("skipped") else tag
         lines.append(
-            f"| {r['name']} | `{r['config']}`{tag} | {' | '.join(cells)} | {r['seconds'] or '-'} |"
+            f"| {r['name']} | `{r['config']}`{tag} | {' | '.join(cells)} | {_chosen(r)} "
+            f"| {r['seconds'] or '-'} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _chosen(row: dict[str, Any]) -> str:
+    sel = row.get("selection")
+    if not sel:
+        return "-"
+    if sel.get("monitor") is None:
+        return sel["checkpoint"]
+    score = sel.get("val_score")
+    value = "-" if score is None else f"{score:.4g}"
+    return f"{sel['checkpoint']} ({sel['monitor']} {value})"
 
 
 def reproduce(name: str, quick: bool, out: Path, extra: list[str] | None = None) -> Path:
@@ -126,9 +215,16 @@ def reproduce(name: str, quick: bool, out: Path, extra: list[str] | None = None)
     root = out / "runs"
     for config in table.get("quick_setup", []) if quick else []:
         run_config(config, f"{name}_setup_{Path(config).stem}", root, extra, test=False)
-    rows = [run_row(row, quick, root, name, extra) for row in table["rows"]]
+    checkpoint = table.get("checkpoint", "best")
+    rows = [run_row(row, quick, root, name, extra, checkpoint) for row in table["rows"]]
     out.mkdir(parents=True, exist_ok=True)
-    result = {"table": name, "title": table.get("title"), "quick": quick, "rows": rows}
+    result = {
+        "table": name,
+        "title": table.get("title"),
+        "quick": quick,
+        "protocol": protocol(table, rows),
+        "rows": rows,
+    }
     md = out / f"{name}.md"
     for path in (out / f"{name}.json", md):  # an earlier table is kept, never replaced
         keep_previous(path)

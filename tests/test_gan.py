@@ -215,10 +215,14 @@ def test_cifar10_fixture(tmp_path: Path) -> None:
     from tests.test_classification_data import write_cifar10
 
     write_cifar10(tmp_path)
-    dm = ImageDataModule(dataset="cifar10", root=str(tmp_path), channels=3, batch_size=4)
+    dm = ImageDataModule(
+        dataset="cifar10", root=str(tmp_path), channels=3, batch_size=4, val_fraction=0.25
+    )
     dm.setup("fit")
     x = next(iter(dm.train_dataloader()))
-    assert x.shape == (4, 3, 32, 32) and len(dm.val_dataloader().dataset) == 6
+    # val: 5 of the 20 train images, held out of training; test: the test batch (6)
+    assert x.shape == (4, 3, 32, 32) and len(dm.val_dataloader().dataset) == 5
+    assert len(dm.train_dataloader().dataset) == 15
     # every fixture image is the constant 10 * label + 5 (0..255): in [-1, 1] that is v / 127.5 - 1
     allowed = torch.tensor([(10 * k + 5) / 127.5 - 1 for k in range(10)])
     assert (x - x[:, :1, :1, :1]).abs().max() < 1e-6  # constant images stay constant
@@ -231,8 +235,9 @@ def test_imagefolder_evaluates_with_only_val(tmp_path: Path) -> None:
     dm = ImageDataModule(dataset="imagefolder", root=str(tmp_path), channels=3, batch_size=2)
     dm.setup("validate")
     assert next(iter(dm.val_dataloader())).shape == (2, 3, 32, 32)
-    dm.setup("test")  # no test/: test evaluates val/
-    assert len(dm.test_dataloader().dataset) == 3
+    # no test/: val/ chooses the checkpoint, so it is not the test (tests/test_protocol.py)
+    with pytest.raises(FileNotFoundError, match=r"stage 'test' reads the test split.*cannot"):
+        ImageDataModule(dataset="imagefolder", root=str(tmp_path), fid_floor=False).setup("test")
     with pytest.raises(FileNotFoundError, match=r"stage 'fit' reads the train split.*train"):
         dm.setup("fit")
     # predict reads no images at all: the GAN's own seeded latents, indices 0..n-1
@@ -241,17 +246,20 @@ def test_imagefolder_evaluates_with_only_val(tmp_path: Path) -> None:
     assert next(iter(nowhere.predict_dataloader())).tolist() == [0, 1, 2]
 
 
-def test_cifar10_validates_with_only_the_test_batch(tmp_path: Path) -> None:
+def test_cifar10_tests_with_only_the_test_batch(tmp_path: Path) -> None:
     from tests.test_classification_data import write_cifar10
 
     write_cifar10(tmp_path)
     for i in range(1, 6):
         (tmp_path / "cifar-10-batches-py" / f"data_batch_{i}").unlink()
-    dm = ImageDataModule(dataset="cifar10", root=str(tmp_path), channels=3, batch_size=4)
-    dm.setup("validate")
-    assert len(dm.val_dataloader().dataset) == 6
-    with pytest.raises(FileNotFoundError, match=r"stage 'fit' reads the train split"):
-        dm.setup("fit")
+    kw = {"dataset": "cifar10", "root": str(tmp_path), "channels": 3, "batch_size": 4}
+    dm = ImageDataModule(**kw, fid_floor=False)
+    dm.setup("test")
+    assert len(dm.test_dataloader().dataset) == 6
+    with pytest.raises(FileNotFoundError, match=r"stage 'validate' reads the val split"):
+        dm.setup("validate")  # val is held out of the train batches
+    with pytest.raises(FileNotFoundError, match=r"fid_floor: false"):
+        ImageDataModule(**kw).setup("test")  # the floor's real images come from train
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -325,7 +333,9 @@ def test_celeba_fixture_64_centre_crop(tmp_path: Path) -> None:
     dm.setup("fit")
     x = next(iter(dm.train_dataloader()))
     assert x.shape == (2, 3, 64, 64) and x.min() >= -1 and x.max() <= 1
-    assert len(dm.val_dataloader().dataset) == 2 and len(dm.test_dataloader().dataset) == 2
+    assert len(dm.val_dataloader().dataset) == 2
+    test = dm.test_dataloader().dataset  # the 2 test images + 2 train images for the FID floor
+    assert [bool(test[i]["floor"]) for i in range(len(test))] == [False, False, True, True]
     with pytest.raises(FileNotFoundError, match="img_align_celeba"):
         ImageDataModule(dataset="celeba", root=str(tmp_path / "none")).setup("fit")
 
