@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,3 +15,24 @@ from tests.test_gan import _classifier_ckpt
 def judge(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random digits classifier in ExportWeights' format: the GAN's FID feature extractor."""
     return _classifier_ckpt(tmp_path_factory.mktemp("judge") / "digits_classifier.pt")
+
+
+def _untracked(root: Path) -> set[str]:
+    out = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=all"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+    )
+    return set(out.stdout.splitlines()) if out.returncode == 0 else set()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nothing_left_in_the_clone() -> Iterator[None]:
+    """Tests write under tmp_path only: a file a test leaves in the working tree (a picture of
+    a run without a run dir, say) is a defect, reported at the end of the session."""
+    root = Path(__file__).resolve().parents[1]
+    before = _untracked(root)
+    yield
+    left = sorted(_untracked(root) - before)
+    assert not left, f"tests left files in the repository: {left}"
