@@ -2,8 +2,11 @@
 
 Modes (the lecture's three ways to use a CNN trained on another task):
 - `linear_probe`: every backbone stage frozen (no gradients, BatchNorm in eval mode); only a
-  linear head learns -- softmax (cross-entropy) or a linear SVM (squared hinge). With
-  `cache_features` the frozen features are extracted once and the head trains on them.
+  linear head learns -- softmax (L2 logistic regression) or a linear SVM (squared hinge). With
+  `cache_features` the frozen features of the train split (through the eval transform: never an
+  augmented view) are extracted once; with `reg_grid` the head is fitted on them for every C of
+  the grid and the C with the best val accuracy is kept (lit_modules/linear_probe.py, the same
+  code as scripts/extract_features.py); the training epochs then leave it as it is.
 - `finetune`: all stages, or only the top `trainable_stages`, learn; pretrained layers at
   `lr * backbone_lr_mult`; `unfreeze_every` epochs one more stage thaws (gradual unfreezing).
 - `scratch`: random initialisation, the baseline transfer has to beat.
@@ -13,10 +16,12 @@ the source head and `test` reports `test/source_acc`: how much of the source tas
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics import MeanMetric
@@ -24,6 +29,16 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from lit_modules.callbacks import check_labels
 from lit_modules.guard import NonFinitePolicy, finite_loss
+from lit_modules.linear_probe import (
+    FEATURES,
+    HEAD_KIND,
+    Features,
+    Selection,
+    cache_key,
+    eval_view,
+    linear_weights,
+    select_on_val,
+)
 from lit_modules.nets.transfer_net import build_transfer_net
 from lit_modules.visual import labelled_grid, log_picture
 
@@ -31,6 +46,7 @@ MODES = ("linear_probe", "finetune", "scratch")
 HEADS = ("softmax", "svm")
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULERS = ("cosine", "none")
+REG_GRID = (0.001, 0.01, 0.1, 1.0, 10.0)  # C (scikit-learn's meaning), chosen on val
 
 
 def _check_choice(name: str, value: str, valid: tuple[str, ...]) -> None:
@@ -53,6 +69,7 @@ class TransferClassifier(LightningModule):
         backbone_lr_mult: float = 0.1,
         unfreeze_every: int = 0,
         cache_features: bool = True,
+        reg_grid: Sequence[float] | None = REG_GRID,
         optimizer: Literal["adamw", "sgd"] = "adamw",
         lr: float = 1e-3,
         weight_decay: float = 1e-4,
@@ -76,7 +93,13 @@ class TransferClassifier(LightningModule):
             backbone_lr_mult: learning-rate factor for pretrained stages (the head gets `lr`).
             unfreeze_every: finetune only: if > 0, start with `trainable_stages` (or 0) stages
                 trainable and thaw one more every this many epochs (single device only).
-            cache_features: linear_probe only: extract frozen features once, train the head on them.
+            cache_features: linear_probe only: extract frozen features once (eval transform, in
+                memory, keyed by the weights and the data), train the head on them.
+            reg_grid: linear_probe with cache_features only: C values (inverse L2 strength, as in
+                scikit-learn's LinearSVC / LogisticRegression on standardized features); the head
+                is fitted for each and the best on val is kept (logged as `val/chosen_c`). null:
+                the head trains by gradient descent instead, with `weight_decay` as the optimizer
+                applies it (decoupled under AdamW, scheduled, on the bias too: not an SVM's C).
             num_sample_images: validation images drawn with their predictions each epoch (0: none).
         """
         super().__init__()
@@ -86,6 +109,13 @@ class TransferClassifier(LightningModule):
         _check_choice("scheduler", scheduler, SCHEDULERS)
         if mode == "scratch" and weights is not None:
             raise ValueError("mode 'scratch' trains from random initialisation: set weights: null")
+        if reg_grid is not None and (not reg_grid or min(reg_grid) <= 0):
+            raise ValueError(f"reg_grid must be positive C values or null, got {reg_grid}")
+        if mode == "linear_probe" and reg_grid is not None and not cache_features:
+            raise ValueError(
+                "reg_grid fits the head on cached features: set cache_features: true, or "
+                "reg_grid: null to train the head by gradient descent on images"
+            )
         self.save_hyperparameters()
         self.net = build_transfer_net(
             backbone=backbone,
@@ -99,7 +129,11 @@ class TransferClassifier(LightningModule):
                 f"trainable_stages must be in 0..{n} for {backbone}, got {trainable_stages}"
             )
         self.net.freeze_bottom(self._frozen_at(epoch=0))
-        if head == "svm":  # Weston-Watkins multi-class squared hinge; weight decay is the SVM's C
+        # The head is fitted on val-chosen C at fit start: the training epochs must not move it.
+        self.grid_fit = mode == "linear_probe" and cache_features and reg_grid is not None
+        self.automatic_optimization = not self.grid_fit
+        self.choice: Selection | None = None
+        if head == "svm":  # multi-class squared hinge (the gradient-descent path's loss)
             self.criterion: nn.Module = nn.MultiMarginLoss(p=2, margin=1.0)
         else:
             self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
@@ -137,7 +171,7 @@ class TransferClassifier(LightningModule):
     # ------------------------------------------------------------------ linear-probe fast path
 
     @torch.no_grad()
-    def extract_features(self, loader: DataLoader) -> tuple[torch.Tensor, torch.Tensor]:
+    def extract_features(self, loader: DataLoader) -> Features:
         """Backbone features of every batch of `loader`: (N, D) float32 on CPU, (N,) labels."""
         was_training = self.net.training
         self.net.eval()
@@ -148,6 +182,13 @@ class TransferClassifier(LightningModule):
             labels.append(y)
         self.net.train(was_training)
         return torch.cat(feats), torch.cat(labels)
+
+    def cached_features(self, loader: DataLoader) -> Features:
+        """`extract_features` of `loader`'s data set, from the in-memory cache when the same
+        weights already saw the same data through the same transform."""
+        net = self.net
+        key = cache_key(net.stages[: net.feature_stages], net.pool, loader.dataset)
+        return FEATURES.get(key, lambda: self.extract_features(loader))
 
     def setup(self, stage: str) -> None:
         hp = self.hparams
@@ -164,24 +205,44 @@ class TransferClassifier(LightningModule):
                 f"model.num_classes is {hp.num_classes}: "
                 f"set --model.init_args.num_classes {data_classes}"
             )
-        if stage != "fit" or hp.mode != "linear_probe" or not hp.cache_features or dm is None:
+        if stage != "fit" or hp.mode != "linear_probe" or not hp.cache_features:
             return
-        # Runs before Lightning first asks for the train loader, so the cached one is used from
-        # step 0. One pass of the (possibly augmented) train loader: one view per image.
+        if dm is None:
+            raise ValueError("cache_features needs a DataModule: trainer.fit(model, datamodule=dm)")
+        # Runs before Lightning first asks for the train loader. Every rank extracts the whole
+        # train split (same features, same fit on every rank); Lightning shards the cached loader.
         self.to(self.trainer.strategy.root_device)
-        loader = dm.train_dataloader()
-        feats, labels = self.extract_features(loader)
-        cached = TensorDataset(feats, labels)
-        bs = loader.batch_size or 128
-        dm.train_dataloader = lambda: DataLoader(cached, batch_size=bs, shuffle=True)
-        self._patched_dm = dm
+        loader, val_loader = dm.train_dataloader(), dm.val_dataloader()
+        view = eval_view(loader.dataset, val_loader.dataset)
+        clean = DataLoader(
+            view, batch_size=loader.batch_size or 128, num_workers=loader.num_workers
+        )
+        feats, labels = self.cached_features(clean)
+        if self.grid_fit:
+            self.fit_head((feats, labels), self.cached_features(val_loader))
+        cached = DataLoader(TensorDataset(feats, labels), batch_size=clean.batch_size, shuffle=True)
+        # This trainer's train-data source only: the DataModule itself is never patched, so
+        # nothing of this run (finished or failed) reaches a later fit with the same DataModule.
+        self.trainer.fit_loop._data_source.instance = cached
 
-    def teardown(self, stage: str) -> None:
-        # Give the DataModule its own train loader back: a later fit of another model with the
-        # same DataModule must not train on this backbone's cached features.
-        if getattr(self, "_patched_dm", None) is not None:
-            del self._patched_dm.train_dataloader
-            self._patched_dm = None
+    def fit_head(self, train: Features, val: Features) -> Selection:
+        """Fit the head for every C of `reg_grid` on the train features; keep the best on val."""
+        hp = self.hparams
+        kind = HEAD_KIND[hp.head]
+        pick = select_on_val(
+            kind,
+            (train[0].numpy(), train[1].numpy()),
+            (val[0].numpy(), val[1].numpy()),
+            hp.reg_grid,
+        )
+        w, b = linear_weights(pick.model, hp.num_classes)
+        with torch.no_grad():
+            self.net.head.weight.copy_(w)
+            self.net.head.bias.copy_(b)
+        self.choice = pick
+        curve = "  ".join(f"{c:g}: {acc:.4f}" for c, acc in pick.curve.items())
+        rank_zero_info(f"linear probe ({kind}): C={pick.c:g} chosen on val (val acc by C: {curve})")
+        return pick
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         # on CPU, every batch (a data set without num_classes escapes `setup`'s check); loader 1
@@ -211,6 +272,16 @@ class TransferClassifier(LightningModule):
         if batch_idx == 0:
             self._check_input(x)
         feats = x if x.ndim == 2 else self.net.forward_features(x)
+        if self.grid_fit:  # the head was fitted in `setup`: only score it (manual optimization)
+            with torch.no_grad():
+                logits = self.net.forward_head(feats)
+                loss = self.criterion(logits, y)
+            self.train_acc.update(logits, y)
+            self.log("train/loss", loss, prog_bar=True)
+            # No gradients, so no parameter moves; the step only advances global_step, which
+            # checkpointing (no save at an unchanged step) and logging go by.
+            self.optimizers().step()
+            return loss
         logits = self.net.forward_head(feats)
         loss = self.criterion(logits, y)
         if not finite_loss(self, {"loss": loss}, self.hparams.nonfinite_loss):
@@ -236,6 +307,8 @@ class TransferClassifier(LightningModule):
             self._samples = (x[:k], logits[:k].argmax(1), y[:k])
 
     def on_validation_epoch_end(self) -> None:
+        if self.choice is not None:
+            self.log("val/chosen_c", self.choice.c)
         if self._samples is None:
             return
         x, pred, y = self._samples
@@ -301,7 +374,7 @@ class TransferClassifier(LightningModule):
             )
         else:
             opt = torch.optim.AdamW(groups, lr=hp.lr, weight_decay=hp.weight_decay)
-        if hp.scheduler == "none":
+        if hp.scheduler == "none" or self.grid_fit:  # grid_fit: manual optimization, no steps
             return opt
         total = max(1, int(self.trainer.estimated_stepping_batches))
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)

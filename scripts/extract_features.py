@@ -11,7 +11,8 @@
 DeCAF / Razavian et al.'s recipe outside any training loop: the backbone (eval mode, no
 gradients) maps every image of the train (with the label budget), val and test splits to a
 feature vector; a linear SVM and/or logistic regression (on standardized features) is fitted on
-the train features only, C picked on val, accuracy reported on val and test. The .npz keeps the
+the train features only, C picked on val, accuracy reported on val and test (the fit and the
+choice are lit_modules/linear_probe.py's, which TransferClassifier's linear_probe mode uses too). The .npz keeps the
 features, so other classifiers can be tried without touching the network again.
 Writes <out> (.npz: train_x/train_y/val_x/val_y/test_x/test_y + meta) and <out>.json (accuracies).
 """
@@ -22,7 +23,6 @@ import argparse
 import json
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -30,17 +30,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from sklearn.exceptions import ConvergenceWarning  # noqa: E402
-from sklearn.linear_model import LogisticRegression  # noqa: E402
-from sklearn.pipeline import Pipeline, make_pipeline  # noqa: E402
-from sklearn.preprocessing import StandardScaler  # noqa: E402
-from sklearn.svm import LinearSVC  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, Dataset, Subset  # noqa: E402
 
 from datamodules.classification import ClassificationDataModule  # noqa: E402
 from datamodules.digits import DigitsDataModule, budget_indices  # noqa: E402
 from lit_modules.callbacks import keep_previous  # noqa: E402
+from lit_modules.linear_probe import fit_and_score  # noqa: E402  (shared with linear_probe mode)
 from lit_modules.nets.transfer_net import TransferNet, build_transfer_net  # noqa: E402
 
 DATASETS = ("digits", "cifar10", "cifar100", "pets", "flowers102", "imagefolder")
@@ -148,34 +144,6 @@ def remap(y: np.ndarray, classes: list[int] | None) -> np.ndarray:
     lookup = np.full(max(classes) + 1, -1, np.int64)
     lookup[classes] = np.arange(len(classes))
     return lookup[y]
-
-
-# ----------------------------------------------------------------------------- classifiers
-
-
-def make_classifier(kind: str, c: float, seed: int) -> Pipeline:
-    """Standardize, then a linear classifier: features of different layers differ in scale."""
-    if kind == "svm":
-        return make_pipeline(StandardScaler(), LinearSVC(C=c, max_iter=20_000, random_state=seed))
-    return make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=5_000))
-
-
-def fit_and_score(
-    kind: str, data: dict[str, np.ndarray], grid: list[float], seed: int
-) -> dict[str, float]:
-    """Fit on train for each C, keep the best on val (ties: the smaller C), score it on test."""
-    best: tuple[float, float, Pipeline] | None = None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        for c in sorted(grid):
-            model = make_classifier(kind, c, seed).fit(data["train_x"], data["train_y"])
-            val = float(model.score(data["val_x"], data["val_y"]))
-            if best is None or val > best[0]:
-                best = (val, c, model)
-    assert best is not None
-    val, c, model = best
-    test = float(model.score(data["test_x"], data["test_y"]))
-    return {f"val/acc_{kind}": val, f"test/acc_{kind}": test, f"c_{kind}": c}
 
 
 # ----------------------------------------------------------------------------- main

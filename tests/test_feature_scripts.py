@@ -29,7 +29,7 @@ def digits_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
 def test_npz_holds_features_and_labels_of_every_split(digits_run: tuple[dict, Path]) -> None:
     _, out = digits_run
     data = np.load(out)
-    sizes = {"train": 50, "val": 250, "test": 250}  # 10 labels per class; 50 per class in val/test
+    sizes = {"train": 50, "val": 50, "test": 250}  # the 10-label budget covers val too
     for split, n in sizes.items():
         x, y = data[f"{split}_x"], data[f"{split}_y"]
         assert x.dtype == np.float32 and x.shape == (n, 256)  # digits_cnn's pre-logits features

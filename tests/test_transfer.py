@@ -285,6 +285,7 @@ def test_linear_probe_keeps_the_source_task_exactly(tmp_path: Path, source_ckpt:
         num_classes=5,
         mode="linear_probe",
         cache_features=False,
+        reg_grid=None,  # the head trains by gradient descent on images
         lr=0.05,
         num_sample_images=0,
     )
@@ -350,6 +351,7 @@ def test_cached_features_train_the_head_on_vectors(tmp_path: Path, source_ckpt: 
         num_classes=5,
         mode="linear_probe",
         cache_features=True,
+        reg_grid=None,  # gradient descent on the cached vectors (not the C grid)
         lr=0.1,  # the random source net's features are small: a large step for the head
         scheduler="none",
         num_sample_images=0,
