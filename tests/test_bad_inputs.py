@@ -744,9 +744,14 @@ def test_weights_file_carrying_code_is_one_line_from_the_cli(tmp_path: Path) -> 
 # ----------------------------------------------------------------------------- 20 a NaN loss
 
 
+def _poison(*, step: int) -> str:
+    """`--trainer.callbacks` value: the training batch of `step` is all NaN, so is its loss."""
+    return json.dumps([{"class_path": "tests.killing.PoisonAt", "init_args": {"step": step}}])
+
+
 def _poisoned_fit(root: Path, *extra: str) -> subprocess.CompletedProcess:
     """A tiny fit whose 6th training batch (step 5, in epoch 1) is all NaN: its loss is NaN."""
-    poison = '[{"class_path": "tests.killing.PoisonAt", "init_args": {"step": 5}}]'
+    poison = _poison(step=5)
     return _train_py(
         "fit",
         f"--config={SCRATCH}",
@@ -773,21 +778,12 @@ def test_nan_loss_stops_naming_step_and_term_and_keeps_the_last_good_checkpoint(
     assert all(v.isfinite().all() for v in state.values() if v.is_floating_point())
 
 
-def test_nan_loss_with_skip_policy_is_counted_and_leaves_no_trace(tmp_path: Path) -> None:
-    proc = _poisoned_fit(tmp_path, "--name=skip", "--model.nonfinite_loss=skip")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stderr.count("step skipped (1 so far)") == 1  # one warning
-    metrics = json.loads((tmp_path / "skip" / "version_0" / "metrics.json").read_text())
-    assert metrics["train/skipped_steps"] == 1.0
-    # finite: the NaN batch moved no weight and no BatchNorm statistic
-    assert all(isinstance(v, float) and np.isfinite(v) for v in metrics.values())
-
-
-def test_nan_loss_names_the_terms_of_every_module(judge: Path, tmp_path: Path) -> None:
-    """Detection (its four loss terms), segmentation and the GAN (D's loss) stop the same way."""
+def test_nan_loss_in_every_module_and_the_skip_policy(judge: Path, tmp_path: Path) -> None:
+    """Detection (its four loss terms), segmentation and the GAN (D's loss) stop the same way;
+    with `nonfinite_loss: skip` the NaN step is counted and leaves no trace."""
     from tests.test_ddp import launch
 
-    poison = '[{"class_path": "tests.killing.PoisonAt", "init_args": {"step": 2}}]'
+    poison = _poison(step=2)
     common = ["--wandb=disabled", "--trainer.enable_progress_bar=false",
               f"--trainer.default_root_dir={tmp_path}", f"--trainer.callbacks={poison}"]  # fmt: skip
     runs = [
@@ -800,9 +796,19 @@ def test_nan_loss_names_the_terms_of_every_module(judge: Path, tmp_path: Path) -
          f"--model.classifier_weights={judge}", "--data.max_eval_samples=32",
          "--trainer.limit_train_batches=4", "--trainer.max_epochs=1", *common],
     ]  # fmt: skip
-    detection, segmentation, gan = launch(runs, tmp_path / "results.json", check=False)
+    skip = ["fit", f"--config={SCRATCH}", "--trainer.max_epochs=2", "--trainer.limit_train_batches=4",
+            "--trainer.limit_val_batches=2", "--name=skip", "--model.nonfinite_loss=skip",
+            *common[:-1], f"--trainer.callbacks={_poison(step=5)}"]  # fmt: skip
+    results = launch([*runs, skip], tmp_path / "results.json", check=False)
+    detection, segmentation, gan, skipped = results
     stop = "NonFiniteLossError: non-finite loss at step 2 (epoch 0, rank 0): "
     terms = ("loss_classifier=nan", "loss_box_reg=nan", "loss_objectness=nan", "loss_rpn_box_reg")
     assert detection.startswith(stop) and all(t in detection for t in terms), detection
     assert segmentation.startswith(stop + "loss=nan;"), segmentation
     assert gan.startswith(stop + "d_loss=nan;"), gan  # manual optimisation: G and D steps count
+    # nonfinite_loss: skip: the step is dropped and counted, training goes on
+    assert skipped == "ok", skipped
+    metrics = json.loads((tmp_path / "skip" / "version_0" / "metrics.json").read_text())
+    assert metrics["train/skipped_steps"] == 1.0
+    # finite: the NaN batch moved no weight and no BatchNorm statistic
+    assert all(isinstance(v, float) and np.isfinite(v) for v in metrics.values())

@@ -106,8 +106,20 @@ def test_fit_test_predict_write_their_files(source_weights: Path, tmp_path: Path
         "--data.max_eval_samples=64",
         *QUIET,
     ]
-    train("fit", *common, "--trainer.max_epochs=1", "--trainer.limit_train_batches=3", "--name=run")
+    from tests.test_ddp import launch
+
     run = tmp_path / "run" / "version_0"
+    ckpt = run / "checkpoints" / "last.ckpt"
+    fit = [
+        "fit",
+        *common,
+        "--trainer.max_epochs=1",
+        "--trainer.limit_train_batches=3",
+        "--name=run",
+    ]
+    test = ["test", *common, f"--ckpt_path={ckpt}", "--name=test"]
+    predict = ["predict", *common, f"--ckpt_path={ckpt}", "--name=pred"]
+    assert launch([fit, test, predict], tmp_path / "results.json") == ["ok"] * 3  # one process
     fit = metrics_of(tmp_path, "run")
     assert {"val/acc", "val/loss", "train/loss", "train/acc"} <= fit.keys()
     assert (run / "config.yaml").is_file() and (run / "metrics.csv").is_file()
@@ -115,22 +127,25 @@ def test_fit_test_predict_write_their_files(source_weights: Path, tmp_path: Path
     assert "last.ckpt" in ckpts and any(n.startswith("best-") for n in ckpts)
     assert list((run / "images").glob("val_predictions_epoch*.png")), "no sample-prediction picture"
 
-    ckpt = run / "checkpoints" / "last.ckpt"
-    train("test", *common, f"--ckpt_path={ckpt}", "--name=test")
     tested = metrics_of(tmp_path, "test")
     assert 0.0 <= tested["test/acc"] <= 1.0 and 0.0 <= tested["test/source_acc"] <= 1.0
 
-    train("predict", *common, f"--ckpt_path={ckpt}", "--name=pred")
     preds = json.loads((tmp_path / "pred" / "version_0" / "predictions.json").read_text())
     assert len(preds) == 64 and {"index", "pred", "score"} <= preds[0].keys()
 
 
-def test_print_config_and_help() -> None:
-    out = train("fit", f"--config={SOURCE}", "--print_config").stdout
-    resolved = yaml.safe_load(out)
+def test_print_config_and_help(capsys: pytest.CaptureFixture) -> None:
+    from scripts.train import run
+
+    for args in (["fit", f"--config={SOURCE}", "--print_config"], ["fit", "--help"]):
+        with pytest.raises(SystemExit) as done:  # both print and exit, before any work
+            run(args)
+        assert done.value.code in (0, None)
+    out = capsys.readouterr().out
+    resolved = yaml.safe_load(out[: out.index("usage:")])
     assert resolved["model"]["class_path"] == "lit_modules.transfer.TransferClassifier"
     assert resolved["model"]["init_args"]["mode"] == "scratch"
-    assert "--wandb" in train("fit", "--help").stdout
+    assert "--wandb" in out[out.index("usage:") :]
 
 
 # Installed in every Python process of a run (on PYTHONPATH): records each network connection
