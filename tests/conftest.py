@@ -7,7 +7,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
+from lit_modules.transfer import TransferClassifier
 from tests.test_gan import _classifier_ckpt
 
 
@@ -36,3 +38,12 @@ def nothing_left_in_the_clone() -> Iterator[None]:
     yield
     left = sorted(_untracked(root) - before)
     assert not left, f"tests left files in the repository: {left}"
+
+
+@pytest.fixture
+def source_ckpt(tmp_path: Path) -> Path:
+    """A digits 0-4 'pretraining' checkpoint in Lightning's layout (random weights suffice)."""
+    torch.manual_seed(0)
+    path = tmp_path / "source.ckpt"
+    torch.save({"state_dict": TransferClassifier(num_classes=5, mode="scratch").state_dict()}, path)
+    return path

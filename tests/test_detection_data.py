@@ -30,6 +30,7 @@ from scripts import gan_features_svm
 from scripts.make_digit_canvases import DIGIT_CLASSES, make
 from tests.test_cli import QUIET
 from tests.test_ddp import DDP, launch
+from tests.test_detection import _trainer
 
 WIDE, TALL = (48, 32), (32, 48)  # (width, height)
 
@@ -211,15 +212,7 @@ def test_2_process_grouped_fit_finishes_with_equal_steps_and_predict_merges(
     module = FasterRCNNModule.load_from_checkpoint(ckpt, map_location="cpu")
     dm = DetectionDataModule(source="coco", root=str(data), test_split="test", batch_size=2)
     one = tmp_path / "one"
-    Trainer(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=one,
-        callbacks=[PredictionsJSON()],
-    ).predict(module, datamodule=dm)
+    _trainer(one, callbacks=[PredictionsJSON()]).predict(module, datamodule=dm)
     single = json.loads((one / "predictions.json").read_text())
     ids = [r["image_id"] for r in merged]
     assert ids == [r["image_id"] for r in single] and set(ids) == {1, 2, 3, 4, 5}

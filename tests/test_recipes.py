@@ -36,15 +36,6 @@ def _empty_cache() -> None:
     FEATURES.clear()
 
 
-@pytest.fixture
-def source_ckpt(tmp_path: Path) -> Path:
-    """A digits 0-4 'pretraining' checkpoint (random weights suffice)."""
-    torch.manual_seed(0)
-    path = tmp_path / "source.ckpt"
-    torch.save({"state_dict": TransferClassifier(num_classes=5, mode="scratch").state_dict()}, path)
-    return path
-
-
 def _trainer(root: Path, **kw: Any) -> Trainer:
     defaults = {"accelerator": "cpu", "devices": 1, "logger": False, "enable_checkpointing": False}
     defaults |= {"enable_progress_bar": False, "enable_model_summary": False}

@@ -36,15 +36,6 @@ def _dm(**kw: Any) -> DigitsDataModule:
     return DigitsDataModule(**{"classes": TARGET, "batch_size": 32, "max_eval_samples": 32, **kw})
 
 
-@pytest.fixture
-def source_ckpt(tmp_path: Path) -> Path:
-    """A digits 0-4 'pretraining' checkpoint in Lightning's layout (random weights suffice)."""
-    torch.manual_seed(0)
-    path = tmp_path / "source.ckpt"
-    torch.save({"state_dict": TransferClassifier(num_classes=5, mode="scratch").state_dict()}, path)
-    return path
-
-
 def _stage_groups(module: TransferClassifier) -> list[set[int]]:
     return [{id(p) for p in s.parameters()} for s in module.net.stages]
 
