@@ -13,6 +13,7 @@ import math
 import os
 import time
 from pathlib import Path
+from typing import Any, Literal
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -187,20 +188,33 @@ class ExportWeights(Callback):
     digits transfer config), independent of the run's version number. The newest export is at
     that path; an earlier one there is moved aside, never replaced:
     `<stem>.previous-<its time>.pt` (see `previous_name`).
+
+    `weights: best` (default) exports the checkpoint chosen on val (the run's `best-*.ckpt`), as
+    the next stage of a staged recipe would start from it; `last`, or a run without a best
+    checkpoint, exports the final weights.
     """
 
-    def __init__(self, filename: str) -> None:
-        self.filename = filename
+    def __init__(self, filename: str, weights: Literal["best", "last"] = "best") -> None:
+        if weights not in ("best", "last"):
+            raise ValueError(f"ExportWeights: weights must be best or last, got {weights!r}")
+        self.filename, self.weights = filename, weights
+
+    def _state_dict(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
+        best = getattr(getattr(trainer, "checkpoint_callback", None), "best_model_path", "")
+        if self.weights == "best" and best and Path(best).is_file():
+            return torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
+        return pl_module.state_dict()
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not trainer.is_global_zero:
             return
+        state = self._state_dict(trainer, pl_module)
         path = Path(trainer.default_root_dir) / "weights" / self.filename
         path.parent.mkdir(parents=True, exist_ok=True)
         # written beside the target, then renamed: readers of `path` see a whole file, always
         tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
         try:
-            torch.save({"state_dict": pl_module.state_dict()}, tmp)
+            torch.save({"state_dict": state}, tmp)
             kept = previous_name(path) if path.exists() else None
             if kept is not None:
                 os.replace(path, kept)

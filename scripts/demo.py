@@ -51,13 +51,47 @@ def fit_args(config: str, name: str, root: Path, overrides: list[str]) -> list[s
     ]
 
 
+def fit_and_test(
+    config: str, name: str, root: Path, overrides: list[str], checkpoint: str = "best"
+) -> tuple[dict[str, float], dict[str, Any]]:
+    """`train.py fit`, then `test` of the checkpoint chosen on val (or the last weights).
+
+    Returns the run's metrics.json (test/* of that checkpoint; val/* of the final epoch) and how
+    the checkpoint was chosen: file, monitor, mode and its val score.
+    """
+    cli = cli_main(fit_args(config, name, root, overrides))
+    trainer = cli.trainer
+    callback = trainer.checkpoint_callback
+    best = getattr(callback, "best_model_path", "") if callback is not None else ""
+    monitor = getattr(callback, "monitor", None)
+    chosen: dict[str, Any] = {"checkpoint": "last weights", "monitor": None}
+    ckpt_path = None
+    if checkpoint == "best" and best:
+        score = callback.best_model_score
+        chosen = {
+            "checkpoint": Path(best).name,
+            "monitor": monitor,
+            "mode": callback.mode,
+            "val_score": None if score is None else float(score),
+        }
+        ckpt_path = best
+    elif checkpoint == "best":
+        print(f"[{name}] no best checkpoint by {monitor}: testing the last weights")
+    trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path, verbose=False)
+    metrics = json.loads((Path(trainer.log_dir) / "metrics.json").read_text())
+    return metrics, chosen
+
+
 def run_config(
     config: str, name: str, root: Path, overrides: list[str], test: bool = True
 ) -> dict[str, float]:
-    """`train.py fit` (then `test`) of one config in this process; returns its metrics.json."""
-    cli = cli_main(fit_args(config, name, root, overrides))
+    """`train.py fit` of one config in this process, then `test` of the checkpoint chosen on val.
+
+    Returns the run's metrics.json. Without `test`, only the fit (and its val/* metrics).
+    """
     if test:
-        cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
+        return fit_and_test(config, name, root, overrides)[0]
+    cli = cli_main(fit_args(config, name, root, overrides))
     return json.loads((Path(cli.trainer.log_dir) / "metrics.json").read_text())
 
 

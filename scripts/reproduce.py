@@ -24,6 +24,10 @@ Reads configs/tables/TABLE.yaml and writes runs/tables/TABLE.md and runs/tables/
     selected_on: ...               # optional: the split that chooses the checkpoint (said in the
     reported_on: ...               #   table) and the split the compared metrics come from
     checkpoint: best               # optional (table or row): best (default) | last
+    ordering:                      # optional: the paper's ordering of rows, best first; the
+      metric: test/acc             #   table says whether ours shows it (adjacent pairs of the
+      rows: [fine-tuned, linear probe]  # rows that ran, compared strictly)
+      lower_is_better: false
 
 `{root}` in an override is the folder the runs go to (runs/tables/runs).
 
@@ -50,8 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone
 import yaml  # noqa: E402
 
 from lit_modules.callbacks import keep_previous  # noqa: E402
-from scripts.demo import CONFIGS, fit_args, quiet_lightning, run_config  # noqa: E402
-from scripts.train import main as cli_main  # noqa: E402
+from scripts.demo import CONFIGS, fit_and_test, quiet_lightning, run_config  # noqa: E402
 
 CHECKPOINTS = ("best", "last")
 
@@ -70,43 +73,16 @@ def load_table(name: str) -> dict[str, Any]:
             raise SystemExit(f"error: {path}: row {i} lacks {', '.join(sorted(missing))}")
     if not table.get("rows") or not table.get("metrics"):
         raise SystemExit(f"error: {path}: a table needs `metrics` and at least one row")
+    names = {row["name"] for row in table["rows"]}
+    unknown = set((table.get("ordering") or {}).get("rows", [])) - names
+    if unknown:
+        raise SystemExit(f"error: {path}: ordering names rows the table lacks: {sorted(unknown)}")
     for row in [table, *table["rows"]]:
         if row.get("checkpoint", "best") not in CHECKPOINTS:
             raise SystemExit(
                 f"error: {path}: checkpoint must be best or last, got {row['checkpoint']!r}"
             )
     return table
-
-
-def fit_and_test(
-    config: str, name: str, root: Path, overrides: list[str], checkpoint: str = "best"
-) -> tuple[dict[str, float], dict[str, Any]]:
-    """`train.py fit`, then `test` of the checkpoint chosen on val (or the last weights).
-
-    Returns the run's metrics.json (test/* of that checkpoint; val/* of the final epoch) and how
-    the checkpoint was chosen: file, monitor, mode and its val score.
-    """
-    cli = cli_main(fit_args(config, name, root, overrides))
-    trainer = cli.trainer
-    callback = trainer.checkpoint_callback
-    best = getattr(callback, "best_model_path", "") if callback is not None else ""
-    monitor = getattr(callback, "monitor", None)
-    chosen: dict[str, Any] = {"checkpoint": "last weights", "monitor": None}
-    ckpt_path = None
-    if checkpoint == "best" and best:
-        score = callback.best_model_score
-        chosen = {
-            "checkpoint": Path(best).name,
-            "monitor": monitor,
-            "mode": callback.mode,
-            "val_score": None if score is None else float(score),
-        }
-        ckpt_path = best
-    elif checkpoint == "best":
-        print(f"[{name}] no best checkpoint by {monitor}: testing the last weights")
-    trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path, verbose=False)
-    metrics = json.loads((Path(trainer.log_dir) / "metrics.json").read_text())
-    return metrics, chosen
 
 
 def run_row(
@@ -164,6 +140,47 @@ def protocol(table: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any
     }
 
 
+def ordering(table: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Whether our rows show the paper's ordering (`ordering` in the table) on its metric.
+
+    Only rows that ran and logged the metric take part; each adjacent pair must be strictly in
+    order. `shown` is None when fewer than two such rows ran.
+    """
+    spec = table.get("ordering")
+    if not spec:
+        return None
+    metric, lower = spec["metric"], bool(spec.get("lower_is_better", False))
+    ours = {r["name"]: r["metrics"].get(metric) for r in rows}
+    ran = [(n, ours[n]) for n in spec["rows"] if isinstance(ours.get(n), float | int)]
+    wrong = [
+        f"{a} {va:.4g} vs {b} {vb:.4g}"
+        for (a, va), (b, vb) in zip(ran, ran[1:], strict=False)
+        if not (va < vb if lower else va > vb)
+    ]
+    return {
+        "metric": metric,
+        "rows": [n for n, _ in ran],
+        "lower_is_better": lower,
+        "shown": None if len(ran) < 2 else not wrong,
+        "out_of_order": wrong,
+    }
+
+
+def _ordering_line(order: dict[str, Any] | None) -> list[str]:
+    if order is None:
+        return []
+    sign = " < " if order["lower_is_better"] else " > "
+    claim = f"{sign.join(order['rows'])} on {order['metric']}"
+    if order["shown"] is None:
+        return ["Paper's ordering: fewer than two rows ran; nothing to compare.", ""]
+    if order["shown"]:
+        return [f"Paper's ordering ({claim}): shown by our rows.", ""]
+    return [
+        f"Paper's ordering ({claim}): NOT shown by our rows ({'; '.join(order['out_of_order'])}).",
+        "",
+    ]
+
+
 def markdown(table: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     scale, cols = table.get("scale", 1), table["metrics"]
     head = " | ".join(f"{c} (paper / ours)" for c in cols)
@@ -177,6 +194,7 @@ def markdown(table: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         f"Reported (compared with the paper): {', '.join(proto['compared'])} on "
         f"{proto['reported_on']}.",
         "",
+        *_ordering_line(ordering(table, rows)),
         f"| row | config | {head} | chosen checkpoint (val score) | wall s |",
         "|---|---|" + "---|" * len(cols) + "---|---|",
     ]
@@ -223,6 +241,7 @@ def reproduce(name: str, quick: bool, out: Path, extra: list[str] | None = None)
         "title": table.get("title"),
         "quick": quick,
         "protocol": protocol(table, rows),
+        "ordering": ordering(table, rows),
         "rows": rows,
     }
     md = out / f"{name}.md"

@@ -49,6 +49,14 @@ REPO = Path(__file__).resolve().parents[1]
 WANDB_MODES = ("offline", "online", "disabled")
 # Frozen backbone stages are kept in eval mode on purpose (FrozenBN); Lightning warns about it.
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
+# These epoch values come from metrics whose states are already summed over every rank (COCO /
+# VOC07 mAP, the FCN confusion matrix, FID): identical on all ranks, so no `sync_dist` is needed;
+# Lightning recommends it for any tensor logged under DDP. Other names still warn.
+warnings.filterwarnings(
+    "ignore",
+    message=r"It is recommended to use `self.log\('(val|test)/"
+    r"(map|mar|voc07_map|pixel_acc|mean_acc|miou|fwiou|fid|inception_score)[^']*'",
+)
 
 
 def wandb_run_id(run_dir: Path) -> str:

@@ -409,6 +409,23 @@ def test_export_weights_keeps_every_previous_export(tmp_path: Path) -> None:
     assert not list(folder.glob(".*tmp*")), "a temporary file was left behind"
 
 
+def test_export_weights_exports_the_checkpoint_chosen_on_val(tmp_path: Path) -> None:
+    """`weights: best` exports the best checkpoint's weights, not the final ones; `last` these."""
+    best = tmp_path / "best-003.ckpt"
+    torch.save({"state_dict": {"weight": torch.full((1, 2), 7.0)}}, best)
+    callback = SimpleNamespace(best_model_path=str(best))
+    trainer = SimpleNamespace(
+        is_global_zero=True, default_root_dir=str(tmp_path), checkpoint_callback=callback
+    )
+    net = torch.nn.Linear(2, 1, bias=False)
+    torch.nn.init.constant_(net.weight, 1.0)
+    read = lambda: torch.load(tmp_path / "weights" / "net.pt", weights_only=True)["state_dict"]  # noqa: E731
+    ExportWeights("net.pt").on_fit_end(trainer, net)  # type: ignore[arg-type]
+    assert read()["weight"][0, 0].item() == 7.0
+    ExportWeights("net.pt", weights="last").on_fit_end(trainer, net)  # type: ignore[arg-type]
+    assert read()["weight"][0, 0].item() == 1.0
+
+
 def test_demo_twice_keeps_both_reports(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

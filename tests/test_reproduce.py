@@ -31,3 +31,25 @@ def test_quick_transfer_table(tmp_path: Path) -> None:
 def test_unknown_table_lists_the_known_ones() -> None:
     with pytest.raises(SystemExit, match="known tables: .*transfer"):
         reproduce.load_table("nope")
+
+
+@pytest.mark.parametrize(
+    ("ours", "lower", "shown", "wrong"),
+    [
+        ({"a": 0.9, "b": 0.8, "c": 0.7}, False, True, []),
+        ({"a": 0.9, "b": 0.9, "c": 0.7}, False, False, ["a 0.9 vs b 0.9"]),  # a tie is not shown
+        ({"a": 10.0, "b": 20.0}, True, True, []),  # c did not run: left out
+        ({"a": 10.0}, True, None, []),  # one row: nothing to compare
+    ],
+)
+def test_ordering_says_whether_our_rows_show_the_papers(
+    ours: dict[str, float], lower: bool, shown: bool | None, wrong: list[str]
+) -> None:
+    table = {"ordering": {"metric": "m", "rows": ["a", "b", "c"], "lower_is_better": lower}}
+    rows = [{"name": n, "metrics": {"m": v}} for n, v in ours.items()] + [
+        {"name": n, "metrics": {}} for n in "abc" if n not in ours
+    ]
+    order = reproduce.ordering(table, rows)
+    assert order is not None and order["shown"] is shown and order["out_of_order"] == wrong
+    line = "".join(reproduce._ordering_line(order))
+    assert ("NOT shown" in line) is (shown is False)
