@@ -20,15 +20,13 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from lightning.pytorch import LightningModule
-from torchvision.utils import draw_bounding_boxes, make_grid
 
 from lit_modules.callbacks import check_labels
 from lit_modules.guard import NonFinitePolicy, finite_loss
 from lit_modules.metrics import ShardedMeanAveragePrecision, VOC07MeanAveragePrecision
 from lit_modules.nets.detectors import ARCHS, build_faster_rcnn
-from lit_modules.visual import log_picture
+from lit_modules.visual import TILE_SIDE, draw_detections, log_picture
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULERS = ("multistep", "cosine", "none")
@@ -310,30 +308,17 @@ class FasterRCNNModule(LightningModule):
         images: list[torch.Tensor],
         preds: list[dict[str, torch.Tensor]],
         targets: list[dict[str, Any]] | None = None,
-        side: int = 192,
+        side: int = TILE_SIDE,
     ) -> torch.Tensor:
         """A grid of images with ground truth (green) and detections (labelled, red): (3, H, W) uint8."""
-        names, thr = self._names(), self.hparams.draw_score_threshold
-        tiles = []
-        for i, (img, pred) in enumerate(zip(images, preds, strict=True)):
-            h, w = img.shape[-2:]
-            scale = side / max(h, w)
-            x = F.interpolate(img[None].float().cpu(), scale_factor=scale, mode="nearest")[0]
-            x = (x.clamp(0, 1) * 255).to(torch.uint8)  # (3, h', w')
-            if targets is not None and len(targets[i]["boxes"]):
-                x = draw_bounding_boxes(
-                    x, targets[i]["boxes"].cpu() * scale, colors="lime", width=1
-                )
-            keep = pred["scores"] >= thr
-            boxes, labels, scores = (pred[k][keep].cpu() for k in ("boxes", "labels", "scores"))
-            texts = [
-                f"{names.get(int(c), int(c))} {s:.2f}"
-                for c, s in zip(labels.tolist(), scores.tolist(), strict=True)
-            ]
-            if len(boxes):
-                x = draw_bounding_boxes(x, boxes * scale, labels=texts, colors="red", width=2)
-            tiles.append(F.pad(x, (0, side - x.shape[-1], 0, side - x.shape[-2])))
-        return make_grid(torch.stack(tiles), nrow=min(4, len(tiles)), padding=2)
+        return draw_detections(
+            images,
+            preds,
+            targets,
+            names=self._names(),
+            threshold=self.hparams.draw_score_threshold,
+            side=side,
+        )
 
     # ------------------------------------------------------------------ optimisation
 

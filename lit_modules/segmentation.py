@@ -18,13 +18,13 @@ from lightning.pytorch import LightningModule
 from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassConfusionMatrix
-from torchvision.utils import draw_segmentation_masks, make_grid
+from torchvision.utils import draw_segmentation_masks
 
 from lit_modules.callbacks import check_labels
 from lit_modules.guard import NonFinitePolicy, finite_loss
 from lit_modules.metrics import fcn_scores
 from lit_modules.nets.fcn import ARCHS, FCN, build_fcn
-from lit_modules.visual import log_picture, run_dir, to_uint8
+from lit_modules.visual import class_legend, log_picture, run_dir, segmentation_grid, to_uint8
 
 IGNORE = 255
 OPTIMIZERS = ("sgd", "adamw")
@@ -153,6 +153,10 @@ class FCNModule(LightningModule):
         dm = self.trainer.datamodule if self._trainer is not None else None
         return getattr(dm, "palette", None) or voc_palette(self.hparams.num_classes)
 
+    def _class_names(self) -> list[str]:
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        return getattr(dm, "class_names", None) or [str(c) for c in range(self.hparams.num_classes)]
+
     # ------------------------------------------------------------------ steps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -204,8 +208,8 @@ class FCNModule(LightningModule):
         self._samples = None
         palette = self._palette()
         truth, guess = overlay(x, y, palette), overlay(x, pred, palette)  # (k, 3, H, W) each
-        rows = torch.cat([truth, guess])  # first row truth, second row prediction
-        grid = make_grid(rows, nrow=len(truth), padding=2)
+        legend = class_legend([*y, *pred], self._class_names(), palette)
+        grid = segmentation_grid({"ground truth": truth, "prediction": guess}, legend)
         log_picture(self, "val/overlays", grid, caption="top: ground truth, bottom: prediction")
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:

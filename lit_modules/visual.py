@@ -1,15 +1,194 @@
-"""Pictures of predictions: written as PNGs in the run directory and logged to W&B when it is on."""
+"""Pictures of predictions: written as PNGs in the run directory and logged to W&B when it is on.
+
+Text is drawn with a TrueType font at FONT_PX pixels (digits 12 px high), on a filled tag, so
+class names read at 100% zoom; torchvision's default bitmap font is a few pixels high. Small
+images are upscaled (nearest: pixels stay crisp) to TILE_SIDE before anything is drawn on them.
+"""
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 import torchvision
 from lightning.pytorch import LightningModule
 from lightning.pytorch.loggers import WandbLogger
-from torchvision.utils import draw_bounding_boxes, make_grid
+from PIL import Image, ImageDraw, ImageFont
+from torchvision.transforms.v2.functional import pil_to_tensor, to_pil_image
+from torchvision.utils import make_grid
+
+FONT_PX = 17  # DejaVu Sans at 17 px: digits and capitals 12 px high
+TILE_SIDE = 192  # detection / segmentation tiles: a 96 px canvas is drawn 2x
+PAD = 2  # between a tag's edge and its text, in pixels
+GAP = 96  # grey between the tiles of a grid: most scenes are black at their edges
+Colour = tuple[int, int, int]
+TRUTH, DETECTION = (0, 255, 0), (255, 0, 0)
+FONT = Path("mpl-data") / "fonts" / "ttf" / "DejaVuSans.ttf"
+
+
+@functools.cache
+def label_font(size: int = FONT_PX) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    """DejaVu Sans, which ships inside matplotlib (a cnnlab dependency); Pillow's own otherwise."""
+    spec = importlib.util.find_spec("matplotlib")
+    path = Path(spec.origin).parent / FONT if spec and spec.origin else None
+    if path is not None and path.is_file():
+        return ImageFont.truetype(str(path), size)
+    return ImageFont.load_default(size)  # scalable (FreeType) in Pillow >= 10.1
+
+
+def _tag_size(text: str, font: Any) -> tuple[int, int]:
+    """Width and height of `text` on its tag; the height is the font's line, for every text."""
+    ascent, descent = font.getmetrics()
+    return int(font.getlength(text)) + 2 * PAD, ascent + descent + 2 * PAD
+
+
+def _ink(fill: Colour) -> Colour:
+    """Black text on light tags, white on dark ones."""
+    r, g, b = fill
+    return (0, 0, 0) if 0.299 * r + 0.587 * g + 0.114 * b > 128 else (255, 255, 255)
+
+
+def _tag(draw: ImageDraw.ImageDraw, xy: tuple[int, int], text: str, fill: Colour) -> None:
+    """`text` on a filled rectangle whose top-left corner is `xy`."""
+    font = label_font()
+    w, h = _tag_size(text, font)
+    draw.rectangle((xy[0], xy[1], xy[0] + w - 1, xy[1] + h - 1), fill=fill)
+    draw.text((xy[0] + PAD, xy[1] + PAD), text, fill=_ink(fill), font=font)
+
+
+def upscale(image: torch.Tensor, side: int) -> tuple[torch.Tensor, float]:
+    """(3, H, W) uint8 -> the longer side `side` px, and the factor (nearest up, antialiased down)."""
+    scale = side / max(image.shape[-2:])
+    up = scale >= 1
+    x = F.interpolate(
+        image[None].float(),
+        scale_factor=scale,
+        mode="nearest" if up else "bilinear",
+        antialias=not up,
+    )[0]
+    return x.round().clamp(0, 255).to(torch.uint8), scale
+
+
+def draw_boxes(
+    image: torch.Tensor,
+    boxes: torch.Tensor,
+    labels: list[str] | None = None,
+    colour: Colour = DETECTION,
+    width: int = 2,
+) -> torch.Tensor:
+    """(3, H, W) uint8 with (N, 4) xyxy boxes drawn; each label on a tag above its box (inside
+    the box when the box touches the top edge), kept inside the image."""
+    picture = to_pil_image(image.cpu().expand(3, -1, -1))  # grey images: drawn in colour
+    draw = ImageDraw.Draw(picture)
+    width_px, _ = picture.size
+    for i, (x0, y0, x1, y1) in enumerate(boxes.round().int().tolist()):
+        draw.rectangle((x0, y0, x1, y1), outline=colour, width=width)
+        if labels is None:
+            continue
+        w, h = _tag_size(labels[i], label_font())
+        top = y0 - h if y0 >= h else y0
+        _tag(draw, (max(0, min(x0, width_px - w)), top), labels[i], colour)
+    return pil_to_tensor(picture)
+
+
+def draw_detections(
+    images: list[torch.Tensor],
+    preds: list[dict[str, torch.Tensor]],
+    targets: list[dict[str, Any]] | None = None,
+    *,
+    names: dict[int, str] | None = None,
+    threshold: float = 0.5,
+    side: int = TILE_SIDE,
+    nrow: int = 4,
+) -> torch.Tensor:
+    """A grid of images in [0, 1] with ground truth (green) and labelled detections scoring at
+    least `threshold` (red): (3, H, W) uint8, every tile `side` px square."""
+    names = names or {}
+    tiles = []
+    for i, (img, pred) in enumerate(zip(images, preds, strict=True)):
+        img = img.detach().float().cpu().clamp(0, 1).expand(3, -1, -1)  # (3, H, W)
+        x, scale = upscale((img * 255).round(), side)
+        if targets is not None and len(targets[i]["boxes"]):
+            x = draw_boxes(x, targets[i]["boxes"].cpu() * scale, colour=TRUTH)
+        keep = pred["scores"] >= threshold
+        boxes, labels, scores = (
+            pred[k][keep].detach().cpu() for k in ("boxes", "labels", "scores")
+        )
+        texts = [
+            f"{names.get(int(c), int(c))} {s:.2f}"
+            for c, s in zip(labels.tolist(), scores.tolist(), strict=True)
+        ]
+        if len(boxes):
+            x = draw_boxes(x, boxes * scale, texts, colour=DETECTION)
+        tiles.append(F.pad(x, (0, side - x.shape[-1], 0, side - x.shape[-2])))
+    return make_grid(torch.stack(tiles), nrow=min(nrow, len(tiles)), padding=2, pad_value=GAP)
+
+
+def text_band(width: int, items: list[tuple[str, Colour | None]]) -> torch.Tensor:
+    """A black band `width` px wide holding `items` in reading order, wrapped onto more lines
+    as needed: a name with a colour gets a swatch of it (a legend), without one plain text."""
+    font = label_font()
+    _, h = _tag_size("", font)
+    placed, x, y = [], PAD, 0
+    for text, colour in items:
+        w = _tag_size(text, font)[0] + (h + PAD if colour is not None else 0)
+        if x > PAD and x + w > width:
+            x, y = PAD, y + h
+        placed.append((x, y, text, colour))
+        x += w + 3 * PAD
+    band = Image.new("RGB", (width, y + h), (0, 0, 0))
+    draw = ImageDraw.Draw(band)
+    for x, y, text, colour in placed:
+        if colour is not None:
+            draw.rectangle((x, y + PAD, x + h - 2 * PAD, y + h - PAD), fill=colour)
+            x += h + PAD
+        draw.text((x + PAD, y + PAD), text, fill=(255, 255, 255), font=font)
+    return pil_to_tensor(band)
+
+
+def class_legend(
+    maps: list[torch.Tensor], names: list[str], palette: list[Colour]
+) -> list[tuple[str, Colour | None]]:
+    """The classes >= 1 that any of the (H, W) class maps holds, as (name, colour); 255 (ignore)
+    and the background are left out."""
+    present = sorted(set().union(*(m.unique().tolist() for m in maps)) - {0, 255})
+    return [(names[c] if c < len(names) else str(c), palette[c]) for c in present]
+
+
+def segmentation_grid(
+    rows: dict[str, torch.Tensor],
+    legend: list[tuple[str, Colour | None]],
+    side: int = TILE_SIDE,
+) -> torch.Tensor:
+    """Rows of (B, 3, H, W) uint8 overlays, each under its title, tiles upscaled to `side`, and
+    the legend of the classes shown below: (3, H', W) uint8."""
+    parts = []
+    for title, overlays in rows.items():
+        tiles = torch.stack([upscale(o, side)[0] for o in overlays])
+        grid = make_grid(tiles, nrow=len(tiles), padding=2, pad_value=GAP)
+        parts += [text_band(grid.shape[-1], [(title, None)]), grid]
+    width = parts[-1].shape[-1]
+    parts.append(text_band(width, legend or [("no class shown", None)]))
+    return torch.cat(parts, dim=1)
+
+
+def labelled_grid(
+    images: torch.Tensor, texts: list[str], correct: list[bool], *, side: int = 112
+) -> torch.Tensor:
+    """A grid of images, each above its caption on green (right) or red (wrong): (3, H, W) uint8."""
+    x = F.interpolate(to_uint8(images).float(), size=(side, side), mode="nearest").to(torch.uint8)
+    tiles = []
+    for img, text, ok in zip(x, texts, correct, strict=True):
+        caption = to_pil_image(
+            torch.zeros(3, _tag_size(text, label_font())[1], side, dtype=torch.uint8)
+        )
+        _tag(ImageDraw.Draw(caption), (0, 0), text, (0, 200, 0) if ok else (220, 0, 0))
+        tiles.append(torch.cat([img, pil_to_tensor(caption)], dim=1))
+    return make_grid(torch.stack(tiles), nrow=min(8, len(tiles)), padding=2, pad_value=GAP)
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -19,20 +198,6 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     hi = x.amax(dim=(1, 2, 3), keepdim=True)
     x = ((x - lo) / (hi - lo).clamp_min(1e-8) * 255).round().to(torch.uint8)
     return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x[:, :3]
-
-
-def labelled_grid(
-    images: torch.Tensor, texts: list[str], correct: list[bool], *, side: int = 84
-) -> torch.Tensor:
-    """A grid of images, each with its caption in green (right) or red (wrong): (3, H, W) uint8."""
-    x = to_uint8(images)
-    x = F.interpolate(x.float(), size=(side, side), mode="nearest").to(torch.uint8)
-    box = torch.tensor([[0, 0, side - 1, side - 1]], dtype=torch.float32)
-    tiles = [
-        draw_bounding_boxes(img, box, labels=[t], colors="lime" if ok else "red", width=2)
-        for img, t, ok in zip(x, texts, correct, strict=True)
-    ]
-    return make_grid(torch.stack(tiles), nrow=min(8, len(tiles)), padding=2)
 
 
 def run_dir(module: LightningModule) -> Path:

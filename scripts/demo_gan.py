@@ -21,9 +21,12 @@ from __future__ import annotations
 import csv
 import json
 import math
+import multiprocessing
+import os
 import shutil
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -135,6 +138,27 @@ def plot_fid(runs: dict[str, Path], path: Path) -> None:
     plt.close(fig)
 
 
+def _train_alone(config: str, root: str, judge: str) -> dict[str, Any]:
+    """One GAN in a fresh process with `THREADS` torch threads (the numbers depend on it)."""
+    from scripts.demo import quiet_lightning  # a spawned process starts with no filters
+
+    torch.set_num_threads(THREADS)
+    quiet_lightning()
+    return train_gan(config, f"gan_{Path(config).stem}", Path(root), Path(judge))
+
+
+def train_gans(root: Path, judge: Path) -> dict[str, dict[str, Any]]:
+    """Both GANs at once, one process each: one thread per GAN keeps its numbers the same on
+    any machine, and the processes use the cores that one thread per process leaves free."""
+    workers = max(1, min(len(GANS), len(os.sched_getaffinity(0))))
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        jobs = {
+            label: pool.submit(_train_alone, config, str(root), str(judge))
+            for label, config in GANS.items()
+        }
+        return {label: job.result() for label, job in jobs.items()}
+
+
 def demo(out: Path) -> dict[str, Any]:
     """Train both GANs for the same steps, test the checkpoints chosen on val, run the SVM."""
     threads = torch.get_num_threads()
@@ -142,16 +166,12 @@ def demo(out: Path) -> dict[str, Any]:
     try:
         root = out / "runs"
         judge = classifier_weights(root)
-        gans, runs = {}, {}
-        for label, config in GANS.items():
-            name = f"gan_{Path(config).stem}"
-            print(f"[gan] {label}: {EPOCHS} epochs of training ({config})")
-            gans[label] = train_gan(config, name, root, judge)
-            runs[label] = Path(gans[label]["run"])
-            figure = f"gan_{Path(config).stem}_samples.png"
-            shutil.copy(_last_image(runs[label], "val_samples"), out / figure)
-            gans[label]["figure"] = figure
-            g = gans[label]
+        print(f"[gan] {', '.join(GANS)}: {EPOCHS} epochs of training each, in parallel")
+        gans = train_gans(root, judge)
+        runs = {label: Path(g["run"]) for label, g in gans.items()}
+        for label, g in gans.items():
+            g["figure"] = f"{runs[label].parent.name}_samples.png"
+            shutil.copy(_last_image(runs[label], "val_samples"), out / g["figure"])
             print(
                 f"[gan] {label}: {g['epochs']:.1f} epochs, {g['seconds_per_epoch']:.1f} s/epoch, "
                 f"chosen epoch {g['chosen_epoch']}: test/fid {g['test/fid']:.1f} (floor "

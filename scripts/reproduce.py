@@ -31,6 +31,9 @@ Reads configs/tables/TABLE.yaml and writes runs/tables/TABLE.md and runs/tables/
 
 `{root}` in an override is the folder the runs go to (runs/tables/runs).
 
+`--wandb offline|online` also logs each table as a W&B Table (paper beside ours, one row per
+experiment) in a run of its own, `table-TABLE` in runs/tables/wandb/ (offline: `wandb sync` it).
+
 Each row runs `fit` then `test` through scripts/train.py's CLI; its metrics come from the
 metrics.json that run wrote. The test metrics are those of the checkpoint CHOSEN ON VAL: the
 run's `best-*.ckpt` by the module's monitor (`val/acc`, `val/miou`, `val/fid`, ...), not the last
@@ -44,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -57,6 +61,7 @@ from lit_modules.callbacks import keep_previous  # noqa: E402
 from scripts.demo import CONFIGS, fit_and_test, quiet_lightning, run_config  # noqa: E402
 
 CHECKPOINTS = ("best", "last")
+WANDB_MODES = ("disabled", "offline", "online")
 
 TABLES = CONFIGS / "tables"
 
@@ -226,7 +231,50 @@ def _chosen(row: dict[str, Any]) -> str:
     return f"{sel['checkpoint']} ({sel['monitor']} {value})"
 
 
-def reproduce(name: str, quick: bool, out: Path, extra: list[str] | None = None) -> Path:
+def wandb_table(table: dict[str, Any], rows: list[dict[str, Any]]) -> tuple[list[str], list[list]]:
+    """The markdown table's columns and cells as values: paper and ours (x scale) per metric."""
+    scale, cols = table.get("scale", 1), table["metrics"]
+    columns = ["row", "config", "quick"]
+    for c in cols:
+        columns += [f"{c} (paper)", f"{c} (ours)"]
+    data = []
+    for r in rows:
+        cells = [r["name"], r["config"], r["quick"]]
+        for c in cols:
+            ours = r["metrics"].get(c)
+            cells += [r["paper"].get(c), None if ours is None else ours * scale]
+        data.append([*cells, _chosen(r), r["seconds"]])
+    return [*columns, "chosen checkpoint", "wall s"], data
+
+
+def log_wandb(result: dict[str, Any], table: dict[str, Any], out: Path, mode: str) -> Path | None:
+    """Log the table as a W&B Table in a run of its own under `out`/wandb; its run folder.
+
+    Offline (as scripts/train.py's default) needs no account and opens no connection.
+    """
+    if mode == "disabled":
+        return None
+    import wandb
+
+    os.environ.setdefault("WANDB_SILENT", "true")
+    columns, data = wandb_table(table, result["rows"])
+    run = wandb.init(
+        project="cnnlab",
+        name=f"table-{result['table']}",
+        job_type="reproduce",
+        dir=str(out),
+        mode=mode,
+        config={"table": result["table"], "quick": result["quick"], **result["protocol"]},
+        reinit="create_new",  # a training run of this process may still be open
+    )
+    run.log({result["table"]: wandb.Table(columns=columns, data=data)})
+    run.finish()
+    return Path(run.dir).parent
+
+
+def reproduce(
+    name: str, quick: bool, out: Path, extra: list[str] | None = None, wandb: str = "disabled"
+) -> Path:
     """Run table `name`; `extra` overrides go to every run (e.g. a smoke test's max_epochs)."""
     extra = extra or []
     table = load_table(name)
@@ -250,6 +298,9 @@ def reproduce(name: str, quick: bool, out: Path, extra: list[str] | None = None)
     (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     md.write_text(markdown(table, rows))
     print(md.read_text())
+    logged = log_wandb(result, table, out, wandb)
+    if logged is not None:
+        print(f"W&B table ({wandb}): {logged}")
     return md
 
 
@@ -266,11 +317,18 @@ def main(argv: list[str] | None = None) -> None:
         default=[],
         help="a train.py flag added to every run, e.g. --override=--trainer.max_epochs=1 (repeatable)",
     )
+    parser.add_argument(
+        "--wandb",
+        choices=WANDB_MODES,
+        default="disabled",
+        help="also log each table as a W&B Table: offline (no account, no network; `wandb sync` "
+        "later) or online (after `wandb login`)",
+    )
     args = parser.parse_args(argv)
     quiet_lightning()
     names = sorted(p.stem for p in TABLES.glob("*.yaml")) if args.table == "all" else [args.table]
     for name in names:
-        reproduce(name, args.quick, args.out, args.override)
+        reproduce(name, args.quick, args.out, args.override, args.wandb)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ W&B run in wandb/ (`--wandb online` after `wandb login` streams it; `wandb sync`
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import secrets
 import sys
@@ -24,6 +25,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone, no install
 
 from jsonargparse import DefaultHelpFormatter  # noqa: E402
+from jsonargparse.typing import PositiveInt  # noqa: E402
 from lightning.pytorch import Trainer  # noqa: E402
 from lightning.pytorch.callbacks import LearningRateMonitor, RichProgressBar  # noqa: E402
 from lightning.pytorch.cli import (  # noqa: E402
@@ -69,6 +71,22 @@ def wandb_run_id(run_dir: Path) -> str:
     if rank_zero_only.rank == 0:  # other ranks may see another version dir; they log nothing
         path.write_text(run_id + "\n")
     return run_id
+
+
+def scale_lr(lr: float, base_batch: int, sizes: dict[str, int]) -> tuple[float, str]:
+    """Linear scaling (Goyal et al. 2017): `lr` is for `base_batch` images per step in all.
+
+    `sizes` multiply to the global batch (devices, nodes, batch, accumulation); returns the lr to
+    use and the line that says how it was reached.
+    """
+    global_batch = math.prod(sizes.values())
+    scaled = lr * global_batch / base_batch
+    factors = " x ".join(f"{k} {v}" for k, v in sizes.items())
+    change = "unchanged" if global_batch == base_batch else f"x {global_batch}/{base_batch}"
+    return scaled, (
+        f"lr scaling: model.lr {lr:.6g} is for a global batch of {base_batch}; this run's is "
+        f"{global_batch} = {factors} -> lr {scaled:.6g} ({change})"
+    )
 
 
 class RunDirOnly(CSVLogger):
@@ -157,13 +175,22 @@ class CnnlabCLI(LightningCLI):
             help="Weights & Biases mode: offline (default; no account, no network), online (after `wandb login`), disabled.",
         )
         parser.add_argument("--wandb_project", type=str, default="cnnlab", help="W&B project name.")
+        parser.add_argument(
+            "--lr_base_batch_size",
+            type=PositiveInt | None,
+            default=None,
+            help="The global batch the recipe's model.lr is for: `fit` scales lr linearly to this "
+            "run's (devices x nodes x data.batch_size x accumulate_grad_batches) and prints it.",
+        )
 
     def _run_name(self, cfg: Any) -> str:
+        """`--name`, else the last config's stem; a preset (configs/trainer/) is not the experiment."""
         if cfg.get("name"):
             return cfg["name"]
-        configs = cfg.get("config") or []
-        if configs:
-            return Path(str(configs[-1])).stem
+        configs = [Path(str(c)) for c in cfg.get("config") or []]
+        recipes = [c for c in configs if c.parent.name != "trainer"] or configs
+        if recipes:
+            return recipes[-1].stem
         model = cfg.get("model")
         class_path = getattr(model, "class_path", None) or type(self.model).__name__
         return str(class_path).rsplit(".", 1)[-1].lower()
@@ -179,6 +206,29 @@ class CnnlabCLI(LightningCLI):
         )
         if cfg.get("ckpt_path") == "last" or self.resume is not None:
             cfg["ckpt_path"] = str(self.resume.ckpt) if self.resume else None
+
+    def after_instantiate_classes(self) -> None:
+        """A recipe's lr is for its global batch: scale it to this run's (`--lr_base_batch_size`).
+
+        The model's `hparams.lr` (what `configure_optimizers` reads, saved in checkpoints) gets
+        the lr used; config.yaml keeps the recipe's, so re-running it scales the same way.
+        """
+        if self.subcommand != "fit" or self.config.fit.get("lr_base_batch_size") is None:
+            return
+        base_batch = self.config.fit.lr_base_batch_size
+        hp, data = self.model.hparams, getattr(self.datamodule, "hparams", {})
+        if "lr" not in hp or "batch_size" not in data:
+            raise ValueError("--lr_base_batch_size needs a model with `lr` and data `batch_size`")
+        t = self.trainer
+        sizes = {
+            "devices": t.num_devices,
+            "nodes": t.num_nodes,
+            "batch": data["batch_size"],
+            "accumulate": t.accumulate_grad_batches,
+        }
+        hp.lr, line = scale_lr(hp.lr, base_batch, sizes)
+        if rank_zero_only.rank == 0:
+            print(line, flush=True)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         cfg = self.config[self.subcommand] if self.subcommand else self.config

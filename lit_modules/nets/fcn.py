@@ -28,6 +28,7 @@ import torchvision
 from torch import nn
 
 from lit_modules.nets.backbones import _is_file_path, build_torchvision, load_weights_file
+from lit_modules.nets.convolutionalize import convolutionalize
 
 FCN_ARCHS = ("digits", "vgg16", "resnet18", "resnet34", "resnet50")
 TORCHVISION_ARCHS = ("fcn_resnet50", "deeplabv3_resnet50")
@@ -119,20 +120,16 @@ def digits_trunk(
 def vgg16_trunk(weights: str | None) -> tuple[Trunk, nn.Module, tuple[int, int, int]]:
     """VGG16 (the paper's net): pool3 / pool4 / pool5 taps, fc6 as 7x7 conv, fc7 as 1x1 conv.
 
-    The paper pads the input by 100 pixels so fc6 (a valid 7x7 conv) fits small images; here
-    fc6 is padded by 3 instead, so its output keeps pool5's size and no offset crop is needed.
+    fc6 / fc7 come from `convolutionalize` (the one FC -> conv implementation). The paper pads
+    the input by 100 pixels so fc6 (a valid 7x7 conv) fits small images; here fc6 is padded by 3
+    instead, so its output keeps pool5's size and no offset crop is needed.
     """
     vgg = build_torchvision("vgg16", weights=weights)
     f = vgg.features
     trunk = Trunk(f[:17], f[17:24], f[24:31])  # pool3 (256 ch), pool4 (512), pool5 (512)
-    # skip_init: no random init of 120M weights that are overwritten on the next lines
-    fc6 = torch.nn.utils.skip_init(nn.Conv2d, 512, 4096, 7, padding=3)
-    fc7 = torch.nn.utils.skip_init(nn.Conv2d, 4096, 4096, 1)
-    with torch.no_grad():  # the ImageNet classifier's Linear layers, reshaped (convolutionalised)
-        fc6.weight.copy_(vgg.classifier[0].weight.view(4096, 512, 7, 7))
-        fc6.bias.copy_(vgg.classifier[0].bias)
-        fc7.weight.copy_(vgg.classifier[3].weight.view(4096, 4096, 1, 1))
-        fc7.bias.copy_(vgg.classifier[3].bias)
+    dense = convolutionalize(vgg, input_size=224)  # classifier.0 / .3: (4096, 512, 7, 7) / 1x1
+    fc6, fc7 = dense.get_submodule("classifier.0"), dense.get_submodule("classifier.3")
+    fc6.padding = (3, 3)  # (B, 4096, H/32, W/32): same size as pool5
     head = nn.Sequential(fc6, nn.ReLU(), nn.Dropout2d(0.5), fc7, nn.ReLU(), nn.Dropout2d(0.5))
     return trunk, head, (256, 512, 4096)
 
