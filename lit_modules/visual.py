@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +19,10 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.loggers import WandbLogger
 from PIL import Image, ImageDraw, ImageFont
 from torchvision.transforms.v2.functional import pil_to_tensor, to_pil_image
-from torchvision.utils import make_grid
+from torchvision.utils import draw_segmentation_masks, make_grid
+
+if TYPE_CHECKING:  # for hints only: spatial imports this module
+    from lit_modules.spatial import Peaks, SpatialClassifier
 
 FONT_PX = 17  # DejaVu Sans at 17 px: digits and capitals 12 px high
 TILE_SIDE = 192  # detection / segmentation tiles: a 96 px canvas is drawn 2x
@@ -221,3 +224,80 @@ def log_picture(
         if isinstance(logger, WandbLogger):
             logger.log_image(key=key, images=[str(path)], caption=[caption or key])
     return path
+
+
+# ----------------------------------------------------------------------------- class maps
+
+
+def palette(num_classes: int) -> list[tuple[int, int, int]]:
+    """A colour per class 0..K-1: tab10 for up to ten classes (digits), VOC's map beyond."""
+    from datamodules.segmentation import DIGIT_PALETTE, voc_palette  # datamodules draw with us
+
+    return DIGIT_PALETTE[1:] if num_classes <= 10 else voc_palette(num_classes + 1)[1:]
+
+
+def argmax_overlay(
+    image: torch.Tensor,
+    logits: torch.Tensor,
+    *,
+    stride: int,
+    offset: float,
+    threshold: float,
+    gate: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """(3, H, W) uint8: the image with each confident (and gated) cell in its class's colour.
+
+    Cell (i, j) covers the stride x stride square around its window's centre.
+    """
+    probs = logits.softmax(0)  # (K, h, w)
+    score, cls = probs.max(0)  # (h, w)
+    k, (h, w) = len(probs), image.shape[-2:]
+    sure = score >= threshold if gate is None else (score >= threshold) & gate
+    cells = torch.where(sure, cls, torch.full_like(cls, k))  # k: none
+    full = torch.full((h, w), k, dtype=torch.long)
+    up = cells.repeat_interleave(stride, 0).repeat_interleave(stride, 1).cpu()  # (h*s, w*s)
+    y0 = x0 = int(round(offset - stride / 2))
+    ys, xs = (
+        slice(max(y0, 0), min(y0 + up.shape[0], h)),
+        slice(max(x0, 0), min(x0 + up.shape[1], w)),
+    )
+    full[ys, xs] = up[ys.start - y0 : ys.stop - y0, xs.start - x0 : xs.stop - x0]
+    masks = full[None] == torch.arange(k)[:, None, None]  # (K, H, W)
+    return draw_segmentation_masks(to_uint8(image[None])[0], masks, alpha=0.5, colors=palette(k))
+
+
+def heatmaps(logits: torch.Tensor, names: list[str], side: int = 96) -> torch.Tensor:
+    """(3, H, W) uint8 grid: each class's probability map (white = 1), captioned with its name."""
+    probs = logits.softmax(0)[:, None]  # (K, 1, h, w)
+    tiles = F.interpolate(probs, size=(side, side), mode="nearest")
+    tiles = (tiles * 255).round().to(torch.uint8).expand(-1, 3, -1, -1).cpu()
+    tiles = [
+        torch.cat([text_band(side, [(n, None)]), t], 1) for n, t in zip(names, tiles, strict=True)
+    ]
+    return make_grid(torch.stack(tiles), nrow=min(5, len(tiles)), padding=2, pad_value=96)
+
+
+def classmap_grid(
+    images: list[torch.Tensor],
+    logits: list[torch.Tensor],
+    peaks: list[Peaks],
+    targets: list[dict[str, torch.Tensor]] | None,
+    *,
+    module: SpatialClassifier,
+) -> torch.Tensor:
+    """Per scene: ground truth (green) and peaks (red, labelled), then the argmax overlay."""
+    hp, tiles = module.hparams, []
+    for n, (img, lg, pk) in enumerate(zip(images, logits, peaks, strict=True)):
+        x = to_uint8(img[None].cpu())[0]
+        if targets is not None and len(targets[n]["boxes"]):
+            x = draw_boxes(x, targets[n]["boxes"].cpu(), colour=TRUTH)
+        r = 2.0
+        dots = torch.cat([pk["points"] - r, pk["points"] + r], 1).cpu()  # (N, 4) tiny boxes
+        names = [str(int(c) - hp.label_offset) for c in pk["labels"].tolist()]
+        x = draw_boxes(x, dots, names, width=2) if len(dots) else x
+        over = argmax_overlay(
+            img.cpu(), lg.cpu(), stride=module.stride, offset=module.offset,
+            threshold=hp.score_threshold, gate=module.gate(img.cpu(), lg.cpu()),
+        )  # fmt: skip
+        tiles += [x, over]
+    return make_grid(torch.stack(tiles), nrow=2, padding=2, pad_value=96)

@@ -27,8 +27,8 @@ import yaml  # noqa: E402
 
 from datamodules.digits import DigitCanvas  # noqa: E402
 from lit_modules.callbacks import free_path  # noqa: E402
-from lit_modules.spatial import SpatialClassifier, argmax_overlay, heatmaps  # noqa: E402
-from lit_modules.visual import TRUTH, draw_boxes, text_band, to_uint8  # noqa: E402
+from lit_modules.spatial import SpatialClassifier  # noqa: E402
+from lit_modules.visual import TRUTH, argmax_overlay, draw_boxes, heatmaps, text_band, to_uint8  # noqa: E402  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "configs" / "spatial" / "digits_classmap.yaml"
