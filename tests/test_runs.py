@@ -8,9 +8,11 @@ whole history. Also: checked checkpoints, atomic writes, a SLURM requeue's check
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -76,16 +78,22 @@ def runs(judge: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, obj
     killed = {}
     for m in cfg:
         args = ["fit", *cfg[m], *common(root, m), f"--name={m}_cut", "--ckpt_path=last"]
-        proc = subprocess.run(
+        # Its own session, so that the whole job dies as a cluster kills a job (its cgroup):
+        # the W&B service it started would otherwise outlive it and hold the run id "in use".
+        proc = subprocess.Popen(
             [sys.executable, str(TRAIN), *args, f"--trainer.callbacks={KILL}"],
             cwd=ROOT,
             env=env,
-            capture_output=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
             text=True,
-            timeout=300,
+            start_new_session=True,
         )
+        _, stderr = proc.communicate(timeout=300)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
         killed[m] = proc.returncode
-        assert proc.returncode == -9, f"{m}: not killed ({proc.returncode}):\n{proc.stderr[-3000:]}"
+        assert proc.returncode == -9, f"{m}: not killed ({proc.returncode}):\n{stderr[-3000:]}"
     # A run whose last.ckpt was cut short while written by something else than cnnlab's writer.
     trunc = root / "trunc" / "version_0" / "checkpoints"
     shutil.copytree(root / "transfer_full" / "version_0" / "checkpoints", trunc)

@@ -148,6 +148,35 @@ def test_fixed_variant_trains_only_the_score_layer() -> None:
     assert bns and not any(m.training for m in bns)  # frozen BatchNorm statistics too
 
 
+def test_onecycle_warms_up_to_lr_and_channels_last_keeps_the_scores() -> None:
+    from types import SimpleNamespace
+
+    from lit_modules.segmentation import FCNModule
+
+    torch.manual_seed(0)
+    module = FCNModule(variant="8s", lr=0.03, scheduler="onecycle", warmup_pct=0.25)
+    module.trainer = SimpleNamespace(estimated_stepping_batches=8)  # type: ignore[assignment]
+    config = module.configure_optimizers()
+    opt, sched = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    lrs = []
+    for _ in range(8):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert max(lrs) == pytest.approx(0.03) and 0 < lrs.index(max(lrs)) < 4  # warm-up, then peak
+    assert lrs[0] < 0.03 / 10 and lrs[-1] < lrs[4] < lrs[3]  # starts low, anneals
+    with pytest.raises(ValueError, match="warmup_pct"):
+        FCNModule(scheduler="onecycle", warmup_pct=1.0)
+    for name, p in module.net.named_parameters():  # score layers start at zero: make them speak
+        if name.startswith("score_"):
+            torch.nn.init.normal_(p.data)
+    nhwc = FCNModule(variant="8s", channels_last=True).eval()
+    nhwc.load_state_dict(module.state_dict())
+    x = torch.randn(2, 1, 40, 56)
+    with torch.no_grad():
+        assert torch.allclose(nhwc(x), module.eval()(x), atol=1e-5)
+
+
 # ----------------------------------------------------------------------------- VOC / SBD files
 
 PALETTE = [c for rgb in voc_palette() for c in rgb]
