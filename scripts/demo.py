@@ -124,6 +124,7 @@ def archive_previous(out: Path) -> Path | None:
 
 TOPICS = {  # name -> module with `demo(out) -> dict` and `report(result) -> list[str]`
     "transfer": "scripts.demo_transfer",
+    "scale": "scripts.demo_scale",
     "detection": "scripts.demo_detection",
     "segmentation": "scripts.demo_segmentation",
     "gan": "scripts.demo_gan",
