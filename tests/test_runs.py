@@ -67,6 +67,20 @@ def common(root: Path, module: str) -> list[str]:
     ]
 
 
+def kill_job(pid: int) -> None:
+    """Kill what is left of a killed job, as a cluster kills its cgroup: its process group and
+    the W&B service it started (wandb-core runs in a session of its own, `--pid <its parent>`),
+    which would otherwise outlive it and hold the run id "in use" for the resumed run."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):
+            args = cmdline.read_bytes().split(b"\0")
+            if any(a.endswith(b"wandb-core") for a in args) and str(pid).encode() in args:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(int(cmdline.parent.name), signal.SIGKILL)
+
+
 @pytest.fixture(scope="module")
 def runs(judge: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     """Uninterrupted runs, killed runs, resumed runs; and a resume from a truncated last.ckpt."""
@@ -90,8 +104,7 @@ def runs(judge: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, obj
             start_new_session=True,
         )
         _, stderr = proc.communicate(timeout=300)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
+        kill_job(proc.pid)
         killed[m] = proc.returncode
         assert proc.returncode == -9, f"{m}: not killed ({proc.returncode}):\n{stderr[-3000:]}"
     # A run whose last.ckpt was cut short while written by something else than cnnlab's writer.

@@ -312,7 +312,7 @@ def test_fit_then_predict_writes_overlays(tmp_path: Path) -> None:
     tests/test_ddp.py)."""
     common = ["--config=configs/segmentation/digits_fcn8s.yaml", *SMALL,
               f"--trainer.default_root_dir={tmp_path}", *QUIET]  # fmt: skip
-    train("fit", *common, "--trainer.max_epochs=1", "--trainer.limit_train_batches=2",
+    train("fit", *common, "--trainer.max_epochs=1", "--trainer.check_val_every_n_epoch=1", "--trainer.limit_train_batches=2",
           "--name=fit")  # fmt: skip
     run = tmp_path / "fit" / "version_0"
     assert list((run / "images").glob("val_overlays_epoch*.png")), "no overlay picture"
