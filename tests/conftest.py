@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,6 +39,15 @@ def nothing_left_in_the_clone() -> Iterator[None]:
     yield
     left = sorted(_untracked(root) - before)
     assert not left, f"tests left files in the repository: {left}"
+
+
+@pytest.fixture(autouse=True)
+def no_wandb_service_left() -> Iterator[None]:
+    """A test that starts W&B in the pytest process must tear it down: wandb exports its service's
+    address as WANDB_SERVICE, every later subprocess (a whole CLI run) would join that service, and
+    a run killed there stays registered, so its resume fails with "run ID ... is in use"."""
+    yield
+    assert "WANDB_SERVICE" not in os.environ, "this test left a W&B service: call wandb.teardown()"
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import torch
+import wandb
 import yaml
 from lightning.pytorch.strategies import StrategyRegistry
 from torchvision.utils import draw_bounding_boxes
@@ -134,7 +135,10 @@ def test_reproduce_logs_the_table_as_a_wandb_table_offline(
 ) -> None:
     monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.netrc, no ~/.config/wandb
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    run_dir = reproduce.log_wandb({**RESULT, "rows": ROWS}, TABLE, tmp_path, "offline")
+    try:
+        run_dir = reproduce.log_wandb({**RESULT, "rows": ROWS}, TABLE, tmp_path, "offline")
+    finally:
+        wandb.teardown()  # its service would outlive the test (see conftest.no_wandb_service_left)
     assert run_dir is not None and run_dir.parent == tmp_path / "wandb"
     assert run_dir.name.startswith("offline-run-") and list(run_dir.glob("run-*.wandb"))
     (logged,) = run_dir.glob("files/media/table/transfer_*.table.json")
