@@ -217,9 +217,16 @@ class OverFeatDetector(LightningModule):
         self._test_images += len(images)
         self.test_map.update(preds, _metric_targets(targets))
         self.test_voc07.update(preds, _metric_targets(targets))
+        k = self.hparams.num_sample_images
+        if batch_idx == 0 and k > 0:  # a test-only run (nothing trains here) gets its picture
+            self._samples = (images[:k], preds[:k], targets[:k])
 
     def on_test_epoch_end(self) -> None:
         self._log_map(self.test_map, self.test_voc07, "test")
+        if self._samples is not None:
+            images, preds, targets = self._samples
+            self._samples = None
+            log_picture(self, "test/detections", self.draw(images, preds, targets))
         speed = self._test_images / max(self._test_seconds, 1e-9)
         self.log("test/images_per_s", speed, sync_dist=True)  # per device, mean over devices
 

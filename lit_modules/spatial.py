@@ -305,9 +305,10 @@ class SpatialClassifier(LightningModule):
         peaks = self.peaks(images, logits)
         metric.update(peaks, targets)
         n = self.hparams.num_sample_images
-        if batch_idx == 0 and n > 0 and metric is self.val_peaks:
+        if batch_idx == 0 and n > 0:  # val and test: a test-only run has its picture too
             picture = classmap_grid(images[:n], logits[:n], peaks[:n], targets[:n], module=self)
-            log_picture(self, "val/classmaps", picture)
+            stage = "val" if metric is self.val_peaks else "test"
+            log_picture(self, f"{stage}/classmaps", picture)
 
     def validation_step(self, batch: tuple[list, list], batch_idx: int) -> None:
         self._evaluate(batch, self.val_peaks, batch_idx)

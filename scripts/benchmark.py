@@ -1,4 +1,5 @@
-"""Speed figures as ratios measured in one run: Lightning vs a plain loop, bf16-mixed vs fp32.
+"""Speed figures as ratios measured in one run: Lightning vs a plain loop, bf16-mixed vs fp32,
+dense class maps vs sliding-window crops.
 
     python scripts/benchmark.py [--out runs/benchmark] [--repeats 3] [--epochs-bf16 3]
 
@@ -13,6 +14,9 @@ comparison run here, with the same threads, seed, data, net, optimizer and metri
   epoch alone (timed between the on_train_epoch_start/end hooks) are reported beside it.
 - bf16-mixed vs fp32: the same training for a few epochs at each precision on CPU: seconds per
   epoch (median over epochs, hook to hook), their ratio, and test accuracy of each.
+- dense vs sliding: a convolutionalized digits classifier once over a 224 px scene against the
+  classifier on each of its 2,500 crops (28 px, stride 4), alternated; with zero-padded convs
+  (DigitsCNN) and without (its unpadded twin, whose scores must equal the crops' to 1e-4).
 
 Threads default to 1: on a small machine shared with other jobs, several OpenMP threads per
 process oversubscribe the cores and an epoch's time swings tenfold from run to run; one thread
@@ -42,8 +46,10 @@ import torch  # noqa: E402
 from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-from datamodules.digits import DigitsDataModule  # noqa: E402
+from datamodules.digits import DIGITS_MEAN, DIGITS_STD, DigitCanvas, DigitsDataModule  # noqa: E402
 from lit_modules.callbacks import keep_previous  # noqa: E402
+from lit_modules.nets.backbones import DigitsCNN, unpadded_digits_cnn  # noqa: E402
+from lit_modules.spatial import dense_vs_sliding  # noqa: E402
 from lit_modules.transfer import TransferClassifier  # noqa: E402
 
 BATCH_SIZE = 64
@@ -250,6 +256,23 @@ def measure_bf16(
 # ----------------------------------------------------------------------------- report
 
 
+def measure_dense(repeats: int, seed: int) -> dict[str, Any]:
+    """Issue 11: a convolutionalized classifier once over a 224 px digit scene vs the classifier
+    on every 28 px crop at the same stride (4 px: 50x50 windows), timed alternately in
+    `dense_vs_sliding`. Speed does not depend on the weights, so random ones serve; the DigitsCNN
+    (zero-padded convs) and its unpadded twin (identical scores) are both measured."""
+    torch.manual_seed(seed)
+    scene = DigitCanvas("test", length=1, size=224, num_digits=(3, 8), digit_size=(24, 32))[0]
+    x = (scene["image"] - DIGITS_MEAN) / DIGITS_STD  # (1, 224, 224)
+    nets = {"digits_cnn": DigitsCNN().eval(), "unpadded_digits_cnn": unpadded_digits_cnn()}
+    keep = ("dense_s", "sliding_s", "speedup", "windows", "max_abs_diff", "argmax_agreement")
+    out = {}
+    for name, net in nets.items():
+        result = dense_vs_sliding(net, x, repeats=repeats)
+        out[name] = {k: result[k] for k in keep} | {"repeats": repeats}
+    return out
+
+
 def markdown(result: dict[str, Any]) -> str:
     o, b, env = result["trainer_vs_plain"], result["bf16_vs_fp32"], result["env"]
     rows = [
@@ -282,6 +305,16 @@ def markdown(result: dict[str, Any]) -> str:
         f"Speed ratio fp32 / bf16: {b['speed_ratio']:.3f} wall, {b['speed_ratio_cpu']:.3f} CPU "
         "(> 1: bf16 faster). "
         f"Accuracy difference bf16 - fp32: {b['acc_diff']:+.4f}.",
+        "",
+        "## Dense class map vs sliding-window crops: one 224 px scene, 28 px crops, stride 4",
+        "",
+        "| net | sliding s | dense s | speed-up | max abs score difference |",
+        "|---|---:|---:|---:|---:|",
+        *(
+            f"| {name} | {r['sliding_s']:.4f} | {r['dense_s']:.4f} | {r['speedup']:.1f}x "
+            f"| {r['max_abs_diff']:.2g} |"
+            for name, r in result["dense_vs_sliding"].items()
+        ),
         "",
         f"torch {env['torch']}, lightning {env['lightning']}, {env['threads']} threads, "
         f"{env['cpus']} CPUs, load average {env['load_before']:.2f} before / "
@@ -318,6 +351,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     overhead = measure_overhead(args.repeats, seed=args.seed, dm=dm)
     print(f"bf16-mixed vs fp32: {args.epochs_bf16} epochs each ...", flush=True)
     bf16 = measure_bf16(args.epochs_bf16, seed=args.seed, dm=dm)
+    print("dense class map vs sliding crops ...", flush=True)
+    dense = measure_dense(max(args.repeats, 5), seed=args.seed)
     env = {
         "torch": torch.__version__,
         "lightning": lightning.__version__,
@@ -327,7 +362,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "load_after": os.getloadavg()[0],
         "wall_s": time.perf_counter() - start,
     }
-    result = {"trainer_vs_plain": overhead, "bf16_vs_fp32": bf16, "env": env}
+    result = {
+        "trainer_vs_plain": overhead,
+        "bf16_vs_fp32": bf16,
+        "dense_vs_sliding": dense,
+        "env": env,
+    }
     args.out.mkdir(parents=True, exist_ok=True)
     for name in ("benchmark.json", "BENCHMARK.md"):  # an earlier measurement is kept
         keep_previous(args.out / name)

@@ -125,8 +125,21 @@ def test_benchmark_bf16_smoke(bf16: dict) -> None:
     assert math.isfinite(bf16["speed_ratio"]) and abs(bf16["acc_diff"]) <= 1.0
 
 
-def test_benchmark_markdown_shows_both_tables(overhead: dict, bf16: dict) -> None:
+@pytest.fixture(scope="module")
+def dense() -> dict:
+    return benchmark.measure_dense(repeats=1, seed=0)
+
+
+def test_benchmark_dense_equals_sliding_without_padding(dense: dict) -> None:
+    assert dense["unpadded_digits_cnn"]["max_abs_diff"] <= 1e-4  # the 1e-4
+    assert dense["digits_cnn"]["max_abs_diff"] > 1e-4  # padded: differs near crop borders
+    assert all(r["windows"] == 50 * 50 and r["speedup"] > 0 for r in dense.values())
+
+
+def test_benchmark_markdown_shows_every_table(overhead: dict, bf16: dict, dense: dict) -> None:
     env = {"torch": "2", "lightning": "2", "threads": 1, "cpus": 2, "wall_s": 1.0}
     env |= {"load_before": 0.0, "load_after": 0.0}
-    text = benchmark.markdown({"trainer_vs_plain": overhead, "bf16_vs_fp32": bf16, "env": env})
+    result = {"trainer_vs_plain": overhead, "bf16_vs_fp32": bf16, "dense_vs_sliding": dense}
+    text = benchmark.markdown(result | {"env": env})
     assert "| plain PyTorch loop |" in text and "| bf16-mixed |" in text
+    assert "| unpadded_digits_cnn |" in text

@@ -87,6 +87,22 @@ class DigitsCNN(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
+def unpadded_digits_cnn(*, num_classes: int = 10, in_channels: int = 1) -> nn.Sequential:
+    """DigitsCNN's shape (28 px in, stride 4, a hidden FC layer) with valid, unpadded convs.
+
+    OverFeat's point made exact: without zero padding a crop and the whole image see the same
+    pixels, so the convolutionalized net's map equals the classifier on every crop (to float
+    rounding). DigitsCNN pads its convs, so its dense and crop scores differ near crop borders.
+    """
+    return nn.Sequential(
+        nn.Conv2d(in_channels, 16, 3), nn.ReLU(), nn.Conv2d(16, 32, 3), nn.ReLU(),  # 28 -> 24
+        nn.MaxPool2d(2),  # 24 -> 12
+        nn.Conv2d(32, 64, 3), nn.ReLU(), nn.Conv2d(64, 64, 3), nn.ReLU(),  # 12 -> 8
+        nn.MaxPool2d(2),  # 8 -> 4
+        nn.Flatten(), nn.Linear(64 * 4 * 4, 256), nn.ReLU(), nn.Linear(256, num_classes),
+    )  # fmt: skip
+
+
 def build_digits_cnn(
     *, num_classes: int = 10, in_channels: int = 1, weights: str | None = None
 ) -> DigitsCNN:
