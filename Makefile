@@ -28,7 +28,8 @@ demo: $(VENV)/.installed  ## run every topic on the embedded data -> runs/demo/R
 test: $(VENV)/.installed-dev  ## lint + the test suite (what CI runs)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not slow"
+	timeout 600 $(BIN)/python -m pytest -q -m slow
 
 lint: $(VENV)/.installed-dev  ## ruff check
 	$(BIN)/ruff check .

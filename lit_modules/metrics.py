@@ -215,7 +215,10 @@ class VOC07MeanAveragePrecision(ShardedListStates, Metric):
 
     def compute(self) -> torch.Tensor:
         def per_image(*states: list[torch.Tensor]) -> list[tuple[np.ndarray, ...]]:
-            return [tuple(v.cpu().numpy() for v in image) for image in zip(*states, strict=True)]
+            return [  # float32 first: numpy has no bf16 (a bf16-mixed run's predictions)
+                tuple((v.float() if v.is_floating_point() else v).cpu().numpy() for v in image)
+                for image in zip(*states, strict=True)
+            ]
 
         detections = per_image(self.det_boxes, self.det_scores, self.det_labels)
         truths = per_image(self.gt_boxes, self.gt_labels, self.gt_difficult)

@@ -16,10 +16,14 @@ import argparse
 import importlib
 import json
 import logging
+import multiprocessing
+import os
 import shutil
 import sys
 import time
 import warnings
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +39,48 @@ def quiet_lightning() -> None:
     for name in ("lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore")
+
+
+def _cpu_times() -> tuple[int, int]:
+    """(idle, total) jiffies of all CPUs since boot, from /proc/stat's first line."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return fields[3] + fields[4], sum(fields)  # idle + iowait
+
+
+def free_cores(window: float = 0.5) -> int:
+    """Cores idle right now (measured over `window` s), at least 1: the torch threads a run can
+    use without oversubscribing a shared machine. The load average would lag by a minute and
+    count the demo's own finished runs; /proc/stat's idle time does not."""
+    cores = len(os.sched_getaffinity(0))
+    if not Path("/proc/stat").is_file():
+        return cores
+    idle0, total0 = _cpu_times()
+    time.sleep(window)
+    idle1, total1 = _cpu_times()
+    idle_fraction = (idle1 - idle0) / max(total1 - total0, 1)
+    return max(1, min(cores, round(idle_fraction * os.cpu_count())))
+
+
+def _worker_init(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    quiet_lightning()  # a spawned process starts with no filters
+
+
+def in_processes(fn: Callable[..., Any], jobs: list[tuple], *, threads: int = 1) -> list[Any]:
+    """`fn(*job)` for every job, over one spawned process per core, results in job order.
+
+    Small runs are bound by Python and Lightning's per-run work, not by the math: one thread per
+    process on every core beats one process with every thread. A fixed `threads` per run also
+    keeps the numbers the same on any machine (oneDNN sums per-thread partial gradients).
+    """
+    workers = max(1, min(len(jobs), len(os.sched_getaffinity(0)) // threads))
+    ctx = multiprocessing.get_context("spawn")  # no forked Lightning / OpenMP state
+    with ProcessPoolExecutor(
+        workers, mp_context=ctx, initializer=_worker_init, initargs=(threads,)
+    ) as pool:
+        return [job.result() for job in [pool.submit(fn, *j) for j in jobs]]
 
 
 def fit_args(config: str, name: str, root: Path, overrides: list[str]) -> list[str]:

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone
 import torch  # noqa: E402
 
 from lit_modules.callbacks import keep_previous  # noqa: E402
-from scripts.demo import run_config  # noqa: E402
+from scripts.demo import free_cores, run_config  # noqa: E402
 
 CONFIG = "detection/digits_faster_rcnn.yaml"
 TARGETS = {
@@ -39,16 +39,18 @@ def source_weights(root: Path) -> Path:
     return weights
 
 
-def demo(out: Path, threads: int | None = 1) -> dict[str, Any]:
+def demo(out: Path, threads: int | None = None) -> dict[str, Any]:
     """Train the digits detector (fit + test on 500 fixed scenes); metrics, seconds, figure.
 
-    `threads`: torch CPU threads during the run. One by default: on a shared 2-core machine two
-    threads per process oversubscribe the cores and a step took ~2 s instead of ~0.2 s (measured).
+    `threads`: torch CPU threads during the run; by default the cores idle when it starts
+    (`free_cores`): 2 threads ran a step 1.25x faster than 1 on a quiet 2-core machine, but on a
+    busy one they oversubscribe the cores and a step took ~2 s instead of ~0.2 s (measured).
     """
     root = out / "runs"
     weights = source_weights(root)
     before = torch.get_num_threads()
-    torch.set_num_threads(threads or before)
+    threads = threads or free_cores()
+    torch.set_num_threads(threads)
     t0 = time.perf_counter()
     try:
         metrics = run_config(
@@ -72,7 +74,7 @@ def demo(out: Path, threads: int | None = 1) -> dict[str, Any]:
     return {
         "metrics": metrics,
         "fit_test_seconds": round(seconds, 1),
-        "threads": threads or before,
+        "threads": threads,
         "figure": figure,
         "run": str(run),
     }

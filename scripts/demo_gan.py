@@ -21,12 +21,9 @@ from __future__ import annotations
 import csv
 import json
 import math
-import multiprocessing
-import os
 import shutil
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +35,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from scripts.demo import fit_args, run_config  # noqa: E402
+from scripts.demo import fit_args, in_processes, run_config  # noqa: E402
 from scripts.gan_features_svm import run_svm  # noqa: E402
 from scripts.train import main as cli_main  # noqa: E402
 
@@ -138,25 +135,13 @@ def plot_fid(runs: dict[str, Path], path: Path) -> None:
     plt.close(fig)
 
 
-def _train_alone(config: str, root: str, judge: str) -> dict[str, Any]:
-    """One GAN in a fresh process with `THREADS` torch threads (the numbers depend on it)."""
-    from scripts.demo import quiet_lightning  # a spawned process starts with no filters
-
-    torch.set_num_threads(THREADS)
-    quiet_lightning()
-    return train_gan(config, f"gan_{Path(config).stem}", Path(root), Path(judge))
-
-
 def train_gans(root: Path, judge: Path) -> dict[str, dict[str, Any]]:
     """Both GANs at once, one process each: one thread per GAN keeps its numbers the same on
     any machine, and the processes use the cores that one thread per process leaves free."""
-    workers = max(1, min(len(GANS), len(os.sched_getaffinity(0))))
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        jobs = {
-            label: pool.submit(_train_alone, config, str(root), str(judge))
-            for label, config in GANS.items()
-        }
-        return {label: job.result() for label, job in jobs.items()}
+    configs = list(GANS.values())
+    jobs = [(c, f"gan_{Path(c).stem}", root, judge) for c in configs]
+    results = in_processes(train_gan, jobs, threads=THREADS)
+    return dict(zip(GANS, results, strict=True))
 
 
 def demo(out: Path) -> dict[str, Any]:

@@ -21,7 +21,7 @@ import matplotlib  # noqa: E402
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from scripts.demo import run_config  # noqa: E402
+from scripts.demo import in_processes, run_config  # noqa: E402
 
 TRANSFER_METHODS = {  # report label -> config; all but scratch start from the digits 0-4 network
     "linear probe (softmax)": "transfer/digits_linear_probe.yaml",
@@ -69,37 +69,33 @@ def demo(out: Path) -> dict[str, Any]:
         "transfer/digits_pretrain_source.yaml", "transfer_source", root, [], test=False
     )
     weights = root / "weights" / "digits_source.pt"
-    rows = []
+    jobs, labels = [], []  # every run of the sweep, then every probe depth: one pool
     for label, config in TRANSFER_METHODS.items():
         for budget in BUDGETS:
             for seed in SEEDS[budget]:
                 name = f"transfer_{Path(config).stem}_{budget}_seed{seed}"
-                row = {
-                    "method": label,
-                    **_transfer_run(config, name, root, weights, budget, seed, []),
-                }
-                rows.append(row)
-                src = row.get("test/source_acc")
-                print(
-                    f"[transfer] {label:24s} {budget:>3} labels/class seed {seed}  test/acc {row['test/acc']:.3f}  "
-                    f"source {'-' if src is None else f'{src:.3f}'}  {row['seconds']:.1f}s"
-                )
-    sweep = []
+                jobs.append((config, name, root, weights, budget, seed, []))
+                labels.append({"method": label})
     for n in PROBE_STAGES:
         for seed in SEEDS[10]:
             name = f"transfer_probe_stages{n}_seed{seed}"
             extra = [f"--model.feature_stages={n}"]
-            sweep.append(
-                {
-                    "feature_stages": n,
-                    **_transfer_run(
-                        "transfer/digits_linear_probe.yaml", name, root, weights, 10, seed, extra
-                    ),
-                }
-            )
+            jobs.append(("transfer/digits_linear_probe.yaml", name, root, weights, 10, seed, extra))
+            labels.append({"feature_stages": n})
+    print(f"[transfer] {len(jobs)} runs over one process per core")
+    done = [lab | row for lab, row in zip(labels, in_processes(_transfer_run, jobs), strict=True)]
+    rows = [r for r in done if "method" in r]
+    sweep = [r for r in done if "feature_stages" in r]
+    for row in rows:
+        src = row.get("test/source_acc")
         print(
-            f"[transfer] linear probe on stages 1..{n}: test/acc {_mean([r['test/acc'] for r in sweep[-3:]]):.3f}"
+            f"[transfer] {row['method']:24s} {row['labels_per_class']:>3} labels/class seed "
+            f"{row['seed']}  test/acc {row['test/acc']:.3f}  "
+            f"source {'-' if src is None else f'{src:.3f}'}  {row['seconds']:.1f}s"
         )
+    for n in PROBE_STAGES:
+        accs = [r["test/acc"] for r in sweep if r["feature_stages"] == n]
+        print(f"[transfer] linear probe on stages 1..{n}: test/acc {_mean(accs):.3f}")
     plot_transfer(rows, sweep, out / "transfer_accuracy.png")
     return {
         "source_val_acc": source.get("val/acc"),

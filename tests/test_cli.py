@@ -480,6 +480,7 @@ def test_bad_choice_lists_valid_ones() -> None:
     assert "linear_probe" in proc.stderr and "finetune" in proc.stderr
 
 
+@pytest.mark.slow  # multi-process: `make test` runs it in its own step
 def test_ddp_two_process_fit_is_one_run_and_exits_cleanly(tmp_path: Path) -> None:
     """`--trainer.devices=2` from a plain `python train.py` (Lightning starts the second process):
     exit status 0 (no abort at exit), one run dir with one set of checkpoints, one metrics.json and
@@ -608,3 +609,17 @@ def test_keep_previous_moves_an_earlier_report_aside(tmp_path: Path) -> None:
     assert kept.name.startswith("table.previous-") and kept.suffix == ".md"
     path.write_text("second")
     assert keep_previous(path) != kept and kept.read_text() == "first"  # both kept
+
+
+def test_in_processes_keeps_job_order_and_sets_the_threads() -> None:
+    from scripts.demo import free_cores, in_processes
+
+    jobs = [(n,) for n in range(5)]  # 2 threads a run: one process on 2 cores (spawning costs)
+    assert in_processes(_square_and_threads, jobs, threads=2) == [(n * n, 2) for n in range(5)]
+    assert 1 <= free_cores(window=0.05) <= os.cpu_count()
+
+
+def _square_and_threads(n: int) -> tuple[int, int]:
+    import torch
+
+    return n * n, torch.get_num_threads()

@@ -120,6 +120,7 @@ def launch(
     return results
 
 
+@pytest.mark.slow  # multi-process: `make test` runs it in its own step
 def test_validate_and_test_on_2_processes_equal_1_process(judge: Path, tmp_path: Path) -> None:
     root = [f"--trainer.default_root_dir={tmp_path}", *QUIET]
     specs = modules(judge)

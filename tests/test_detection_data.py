@@ -150,6 +150,7 @@ class StepsPerRank(Callback):
         (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
 
 
+@pytest.mark.slow  # multi-process: `make test` runs it in its own step
 def test_2_process_grouped_fit_finishes_with_equal_steps_and_predict_merges(
     tmp_path: Path,
 ) -> None:

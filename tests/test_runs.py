@@ -125,6 +125,7 @@ def _metrics(run: Path) -> dict[str, float]:
     return {k: v for k, v in values.items() if not any(t in k for t in TIMING)}  # speed
 
 
+@pytest.mark.slow  # kills and resumes whole runs: `make test` runs it in its own step
 @pytest.mark.parametrize("module", ["transfer", "detection", "gan"])
 def test_resume_after_sigkill_is_one_run_with_the_same_metrics(module: str, runs: dict) -> None:
     root: Path = runs["root"]
@@ -147,6 +148,7 @@ def test_resume_after_sigkill_is_one_run_with_the_same_metrics(module: str, runs
         assert len(offline) == 2 and all(p.name.endswith(f"-{run_id}") for p in offline)
 
 
+@pytest.mark.slow  # reads the killed and resumed runs
 def test_gan_checkpoint_holds_both_optimisers(runs: dict) -> None:
     last = runs["root"] / "gan_cut" / "version_0" / "checkpoints" / "last.ckpt"
     ckpt = torch.load(last, map_location="cpu", weights_only=True)
@@ -154,6 +156,7 @@ def test_gan_checkpoint_holds_both_optimisers(runs: dict) -> None:
     assert len(states) == 2 and all(s["state"] for s in states)  # Adam moments of G and of D
 
 
+@pytest.mark.slow  # reads the killed and resumed runs
 def test_truncated_last_checkpoint_is_one_clear_error(runs: dict) -> None:
     error = runs["results"][-1]
     last = runs["root"] / "trunc" / "version_0" / "checkpoints" / "last.ckpt"
@@ -180,6 +183,7 @@ def test_checkpoint_write_is_atomic(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
 
 
+@pytest.mark.slow  # reads the killed and resumed runs
 def test_slurm_requeue_resumes_the_hpc_checkpoint_in_its_run_dir(
     runs: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
