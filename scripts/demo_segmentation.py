@@ -44,11 +44,11 @@ SPEED_NETS = {  # label -> build_fcn kwargs; weights=None: speed does not depend
 
 
 @torch.inference_mode()
-def forward_speed(size: int = 512, reps: int = 2) -> dict[str, float]:
+def forward_speed(size: int = 512, reps: int = 1) -> dict[str, float]:
     """Images per second of one (1, C, size, size) forward pass on the CPU (after one warm-up).
 
-    Two timed passes after the warm-up (three before): a VGG16 or ResNet-50 pass at 512x512 takes
-    ~1.6 s on 2 cores, so each third pass cost the demo ~1.6 s for a figure that barely moves.
+    One timed pass after the warm-up by default: a VGG16 or ResNet-50 pass at 512x512 takes ~1.6 s
+    on 2 cores, and each further pass costs the demo that much for a figure that barely moves.
     """
     speeds = {}
     for label, kwargs in SPEED_NETS.items():
