@@ -39,7 +39,7 @@ PROBE_STAGES = (1, 2, 3, 4)  # Yosinski et al.'s n for the layer sweep
 def _transfer_run(
     config: str, name: str, root: Path, weights: Path, budget: int, seed: int, extra: list[str]
 ) -> dict[str, Any]:
-    epochs = EPOCHS[budget]
+    epochs = 1 if "linear" in config else EPOCHS[budget]  # probes: the head is fitted at start
     overrides = [
         f"--seed_everything={seed}",
         f"--data.seed={seed}",  # which labelled images the budget draws
