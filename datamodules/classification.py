@@ -24,7 +24,7 @@ from torchvision import datasets
 from torchvision.datasets.folder import find_classes
 from torchvision.transforms import v2
 
-from datamodules.common import SPLIT_STAGE, make_loader, stage_needs, stage_splits
+from datamodules.common import SPLIT_STAGE, SplitLoaders, make_loader, stage_needs, stage_splits
 from datamodules.formats.image import find_bad_images, open_image, to_mode
 
 DatasetName = Literal["cifar10", "cifar100", "pets", "flowers102", "imagefolder"]
@@ -183,7 +183,7 @@ def _imagefolder_classes(root: Path) -> list[str]:
         raise FileNotFoundError(f"imagefolder: {err} Expected {_IMAGEFOLDER_LAYOUT}") from err
 
 
-class ClassificationDataModule(LightningDataModule):
+class ClassificationDataModule(SplitLoaders, LightningDataModule):
     """torchvision's real classification data sets, preprocessed for ImageNet-pretrained backbones.
 
     Batches are `(images (B, 3, S, S) float32, labels (B,) int64)`. CIFAR and Pets have no val
@@ -343,15 +343,3 @@ class ClassificationDataModule(LightningDataModule):
             num_workers=hp.num_workers,
             train=split == "train",
         )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train")
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("test")

@@ -95,3 +95,22 @@ def make_loader(
         drop_last=drop_last,
         generator=generator,
     )
+
+
+class SplitLoaders:
+    """LightningDataModule mixin: the four loaders from one `_loader(split)`; predict reads test."""
+
+    def _loader(self, split: str) -> DataLoader:
+        raise NotImplementedError
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train")
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test")

@@ -33,7 +33,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import v2
 
 from datamodules.classification import CIFAR10, holdout_split
-from datamodules.common import SPLIT_STAGE, make_loader, stage_needs, stage_splits
+from datamodules.common import SPLIT_STAGE, SplitLoaders, make_loader, stage_needs, stage_splits
 from datamodules.digits import load_mnist5k
 from datamodules.formats.image import open_image, scan_images, to_mode
 
@@ -200,7 +200,7 @@ class CelebA(datasets.CelebA):
         return (base / "img_align_celeba").is_dir() and all((base / f).is_file() for f in files)
 
 
-class ImageDataModule(LightningDataModule):
+class ImageDataModule(SplitLoaders, LightningDataModule):
     """Images in [-1, 1] for a GAN; val/test are real images for the FID.
 
     - `digits`: the embedded MNIST-5k split (train 4,000 / val 500 / test 500), 28x28 padded with
@@ -442,15 +442,6 @@ class ImageDataModule(LightningDataModule):
             train=train,
             drop_last=train and len(self._sets[split]) > hp.batch_size,
         )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train")
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
 
     def predict_dataloader(self) -> DataLoader:
         hp = self.hparams

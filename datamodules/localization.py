@@ -26,7 +26,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.common import SPLIT_STAGE, make_loader, stage_splits
+from datamodules.common import SPLIT_STAGE, SplitLoaders, make_loader, stage_splits
 from datamodules.digits import SPLITS, DigitCanvas
 
 Sample = tuple[torch.Tensor, dict[str, torch.Tensor]]
@@ -168,7 +168,7 @@ class LocalizationWindows(Dataset):
         return self._single(index)
 
 
-class LocalizationDataModule(LightningDataModule):
+class LocalizationDataModule(SplitLoaders, LightningDataModule):
     """Single-digit localization windows (see LocalizationWindows); 10 digits + background."""
 
     def __init__(
@@ -241,15 +241,3 @@ class LocalizationDataModule(LightningDataModule):
             num_workers=hp.num_workers,
             train=train,
         )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train")
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("test")

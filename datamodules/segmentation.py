@@ -46,7 +46,7 @@ from torchvision import datasets, tv_tensors
 from torchvision.transforms import v2
 
 from datamodules.classification import holdout_split
-from datamodules.common import SPLIT_STAGE, make_loader, stage_needs, stage_splits
+from datamodules.common import SPLIT_STAGE, SplitLoaders, make_loader, stage_needs, stage_splits
 from datamodules.digits import DIGITS_MEAN, DIGITS_STD, IMAGENET_MEAN, IMAGENET_STD, DigitCanvas
 from datamodules.formats.image import open_image
 
@@ -230,7 +230,7 @@ def pad_collate(
 # ----------------------------------------------------------------------------- DataModule
 
 
-class SegmentationDataModule(LightningDataModule):
+class SegmentationDataModule(SplitLoaders, LightningDataModule):
     """Semantic segmentation batches from DigitCanvas, PASCAL VOC 2012 or SBD + seg11valid."""
 
     def __init__(
@@ -455,8 +455,8 @@ class SegmentationDataModule(LightningDataModule):
 
     # ------------------------------------------------------------------ loaders
 
-    def _loader(self, split: str, train: bool = False) -> DataLoader:
-        hp = self.hparams
+    def _loader(self, split: str) -> DataLoader:
+        hp, train = self.hparams, split == "train"
         if split not in self._sets:  # a loader asked for outside a Trainer, without setup()
             self.setup(SPLIT_STAGE[split])
         bs = hp.batch_size if train or hp.eval_batch_size is None else hp.eval_batch_size
@@ -468,15 +468,3 @@ class SegmentationDataModule(LightningDataModule):
             collate_fn=pad_collate,
             drop_last=train and len(self._sets[split]) > bs,
         )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("test")
