@@ -10,7 +10,8 @@ Reads configs/tables/TABLE.yaml and writes runs/tables/TABLE.md and runs/tables/
     title: ...                     # shown as the heading
     source: ...                    # where the paper numbers come from
     metrics: [test/acc]            # columns (metric names exactly as logged)
-    scale: 100                     # ours x scale is printed beside the paper's (papers use %)
+    scale: 100                     # ours x scale is printed beside the paper's (papers use %);
+                                   #   or {metric: factor}, the others x 1 (speeds, seconds)
     rows:
       - name: linear probe
         config: transfer/cifar10_resnet50_linear.yaml
@@ -21,6 +22,7 @@ Reads configs/tables/TABLE.yaml and writes runs/tables/TABLE.md and runs/tables/
           overrides: ["--model.weights={root}/weights/digits_source.pt"]
     quick_setup:                   # optional: configs fit (not tested) before the --quick rows
       - transfer/digits_pretrain_source.yaml
+      - {config: localization/digits_box_regressor.yaml, overrides: [...]}  # with overrides
     selected_on: ...               # optional: the split that chooses the checkpoint (said in the
     reported_on: ...               #   table) and the split the compared metrics come from
     checkpoint: best               # optional (table or row): best (default) | last
@@ -186,8 +188,14 @@ def _ordering_line(order: dict[str, Any] | None) -> list[str]:
     ]
 
 
+def metric_scale(table: dict[str, Any], metric: str) -> float:
+    """`scale`: one factor for every metric, or {metric: factor} (others 1: speeds, seconds)."""
+    scale = table.get("scale", 1)
+    return scale.get(metric, 1) if isinstance(scale, dict) else scale
+
+
 def markdown(table: dict[str, Any], rows: list[dict[str, Any]]) -> str:
-    scale, cols = table.get("scale", 1), table["metrics"]
+    cols = table["metrics"]
     head = " | ".join(f"{c} (paper / ours)" for c in cols)
     proto = protocol(table, rows)
     lines = [
@@ -209,7 +217,8 @@ def markdown(table: dict[str, Any], rows: list[dict[str, Any]]) -> str:
             ours = r["metrics"].get(c)
             paper = r["paper"].get(c)
             cells.append(
-                f"{'-' if paper is None else paper} / {'-' if ours is None else f'{ours * scale:.1f}'}"
+                f"{'-' if paper is None else paper} / "
+                f"{'-' if ours is None else f'{ours * metric_scale(table, c):.1f}'}"
             )
         tag = " (quick: embedded stand-in)" if r["quick"] else ""
         tag = f" (not run: {r['skipped']})" if r.get("skipped") else tag
@@ -233,7 +242,7 @@ def _chosen(row: dict[str, Any]) -> str:
 
 def wandb_table(table: dict[str, Any], rows: list[dict[str, Any]]) -> tuple[list[str], list[list]]:
     """The markdown table's columns and cells as values: paper and ours (x scale) per metric."""
-    scale, cols = table.get("scale", 1), table["metrics"]
+    cols = table["metrics"]
     columns = ["row", "config", "quick"]
     for c in cols:
         columns += [f"{c} (paper)", f"{c} (ours)"]
@@ -242,7 +251,7 @@ def wandb_table(table: dict[str, Any], rows: list[dict[str, Any]]) -> tuple[list
         cells = [r["name"], r["config"], r["quick"]]
         for c in cols:
             ours = r["metrics"].get(c)
-            cells += [r["paper"].get(c), None if ours is None else ours * scale]
+            cells += [r["paper"].get(c), None if ours is None else ours * metric_scale(table, c)]
         data.append([*cells, _chosen(r), r["seconds"]])
     return [*columns, "chosen checkpoint", "wall s"], data
 
@@ -272,6 +281,13 @@ def log_wandb(result: dict[str, Any], table: dict[str, Any], out: Path, mode: st
     return Path(run.dir).parent
 
 
+def setup_step(step: str | dict[str, Any], root: Path) -> tuple[str, list[str]]:
+    """A quick_setup entry: a config, or {config, overrides} (`{root}` as in the rows)."""
+    if isinstance(step, str):
+        return step, []
+    return step["config"], [o.replace("{root}", str(root)) for o in step.get("overrides", [])]
+
+
 def reproduce(
     name: str, quick: bool, out: Path, extra: list[str] | None = None, wandb: str = "disabled"
 ) -> Path:
@@ -279,8 +295,9 @@ def reproduce(
     extra = extra or []
     table = load_table(name)
     root = out / "runs"
-    for config in table.get("quick_setup", []) if quick else []:
-        run_config(config, f"{name}_setup_{Path(config).stem}", root, extra, test=False)
+    for step in table.get("quick_setup", []) if quick else []:
+        config, overrides = setup_step(step, root)
+        run_config(config, f"{name}_setup_{Path(config).stem}", root, overrides + extra, test=False)
     checkpoint = table.get("checkpoint", "best")
     rows = [run_row(row, quick, root, name, extra, checkpoint) for row in table["rows"]]
     out.mkdir(parents=True, exist_ok=True)

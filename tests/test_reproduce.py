@@ -53,3 +53,17 @@ def test_ordering_says_whether_our_rows_show_the_papers(
     assert order is not None and order["shown"] is shown and order["out_of_order"] == wrong
     line = "".join(reproduce._ordering_line(order))
     assert ("NOT shown" in line) is (shown is False)
+
+
+def test_scale_per_metric_and_setup_steps_with_overrides(tmp_path: Path) -> None:
+    table = {"scale": {"test/map_50": 100}}
+    assert reproduce.metric_scale(table, "test/map_50") == 100
+    assert reproduce.metric_scale(table, "test/images_per_s") == 1  # speeds stay as measured
+    assert reproduce.metric_scale({"scale": 100}, "test/acc") == 100
+    assert reproduce.metric_scale({}, "test/acc") == 1
+    assert reproduce.setup_step("a.yaml", tmp_path) == ("a.yaml", [])
+    step = {"config": "b.yaml", "overrides": ["--model.weights={root}/weights/w.pt"]}
+    assert reproduce.setup_step(step, tmp_path) == (
+        "b.yaml",
+        [f"--model.weights={tmp_path}/weights/w.pt"],
+    )
