@@ -20,7 +20,7 @@ from datamodules.formats.coco import read_coco
 from datamodules.formats.voc import read_voc, voc_xml
 from lit_modules.callbacks import PredictionsJSON
 from lit_modules.detection import FasterRCNNModule
-from lit_modules.nets.detectors import ARCHS, build_faster_rcnn
+from lit_modules.nets.detectors import ARCHS, build_faster_rcnn, rpn_proposals
 from lit_modules.transfer import TransferClassifier
 from scripts.make_digit_canvases import DIGIT_CLASSES, make
 from scripts.make_digit_canvases import main as make_main
@@ -330,3 +330,18 @@ def test_fast_dev_run_of_the_digits_config(tmp_path: Path) -> None:
         *QUIET,
     )
     assert list((tmp_path / "images").glob("val_detections_*.png"))
+
+
+def test_rpn_proposals_in_image_pixels_and_the_caps_restored() -> None:
+    torch.manual_seed(0)
+    net = build_faster_rcnn(
+        arch="transfer", backbone="digits_cnn", num_classes=11, weights_backbone=None,
+        min_size=96, max_size=96, anchor_sizes=[[16, 24], [32, 48]], aspect_ratios=[1.0, 2.0],
+        rpn_pre_nms_top_n_test=30, rpn_post_nms_top_n_test=10,
+    )  # fmt: skip
+    net.train()
+    wide = torch.rand(3, 96, 192)  # resized to 48 x 96 inside: boxes must come back x2
+    (boxes,) = rpn_proposals(net, [wide], top_n=500)
+    assert 10 < len(boxes) <= 500 and boxes[:, 2].max() > 96  # beyond the resized width
+    assert (boxes[:, 2] <= 192 + 1e-3).all() and (boxes[:, 3] <= 96 + 1e-3).all()
+    assert net.training and net.rpn._post_nms_top_n["testing"] == 10  # left as it was

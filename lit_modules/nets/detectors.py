@@ -366,3 +366,30 @@ def build_faster_rcnn(
                 f"weights file {weights} does not match this {arch} detector: {err}"
             ) from err
     return net
+
+
+@torch.no_grad()
+def rpn_proposals(net: FasterRCNN, images: list[torch.Tensor], *, top_n: int) -> list[torch.Tensor]:
+    """The RPN's top-`top_n` boxes per image (score order, after its NMS), in image pixels.
+
+    What Faster R-CNN's box head would see at test time, with the test-time caps raised to
+    `top_n` (pre-NMS per level and post-NMS), for recall-vs-number-of-proposals curves.
+    Returns [(N_i, 4) xyxy], N_i <= top_n.
+    """
+    was_training, rpn = net.training, net.rpn
+    saved = dict(rpn._pre_nms_top_n), dict(rpn._post_nms_top_n)
+    rpn._pre_nms_top_n["testing"] = rpn._post_nms_top_n["testing"] = top_n
+    try:
+        net.eval()
+        sizes = [tuple(img.shape[-2:]) for img in images]
+        batch, _ = net.transform(images)  # resized as the detector sees them
+        features = net.backbone(batch.tensors)
+        proposals, _ = rpn(batch, features)
+    finally:
+        rpn._pre_nms_top_n, rpn._post_nms_top_n = saved
+        net.train(was_training)
+    out = []
+    for boxes, seen, size in zip(proposals, batch.image_sizes, sizes, strict=True):
+        ratio = torch.tensor([size[1] / seen[1], size[0] / seen[0]] * 2, device=boxes.device)
+        out.append(boxes * ratio)  # back to the original image's pixels
+    return out
