@@ -86,7 +86,107 @@ def to_coco_rows(pred: dict[str, torch.Tensor], image_id: int) -> list[dict[str,
     ]
 
 
-class FasterRCNNModule(LightningModule):
+class DetectionScoring:
+    """Evaluation shared by the detectors (Faster R-CNN, OverFeat, the R-CNN lineage): COCO box
+    mAP and VOC07 11-point AP on val and test, the test forward timed (`test/images_per_s`),
+    a picture of the first batch, COCO results rows on predict.
+
+    A LightningModule mixes it in before LightningModule, calls `_init_scoring()` in __init__
+    and provides `forward(images) -> [{boxes, labels, scores}]`, `draw(images, preds, targets)`
+    and `hparams.num_sample_images`; `_extra_seconds(targets)` adds work done outside forward
+    (external proposals) to the timed test forward.
+    """
+
+    def _init_scoring(self) -> None:
+        self.val_map, self.test_map = _new_map(), _new_map()
+        self.val_voc07, self.test_voc07 = VOC07MeanAveragePrecision(), VOC07MeanAveragePrecision()
+        self._samples: tuple[list[torch.Tensor], list[dict], list[dict]] | None = None
+        self._test_seconds, self._test_images = 0.0, 0
+
+    def _caption(self) -> str:
+        return f"detections with score >= {self.hparams.draw_score_threshold} (truth in green)"
+
+    def _keep_samples(self, batch_idx: int, images: list, preds: list, targets: list) -> None:
+        k = self.hparams.num_sample_images
+        if batch_idx == 0 and k > 0 and not self.trainer.sanity_checking:
+            self._samples = (images[:k], preds[:k], targets[:k])
+
+    def _log_samples(self, key: str) -> None:
+        if self._samples is not None:
+            images, preds, targets = self._samples
+            self._samples = None
+            log_picture(self, key, self.draw(images, preds, targets), caption=self._caption())
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        images, targets = batch
+        preds = self(images)
+        self.val_map.update(preds, _metric_targets(targets))
+        self.val_voc07.update(preds, _metric_targets(targets))
+        self._keep_samples(batch_idx, images, preds, targets)
+
+    def _log_map(
+        self, coco: ShardedMeanAveragePrecision, voc07: VOC07MeanAveragePrecision, stage: str
+    ) -> None:
+        values = coco.compute()  # already synced across ranks
+        coco.reset()
+        for k in MAP_KEYS:
+            self.log(f"{stage}/{k}", values[k].float(), prog_bar=k == "map")
+        self.log(f"{stage}/voc07_map_50", voc07.compute().float())  # synced too
+        voc07.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_map(self.val_map, self.val_voc07, "val")
+        self._log_samples("val/detections")
+
+    def on_test_epoch_start(self) -> None:
+        self._test_seconds, self._test_images = 0.0, 0
+
+    def _extra_seconds(self, targets: list[dict[str, Any]]) -> float:
+        return 0.0
+
+    def test_step(self, batch: Batch, batch_idx: int) -> None:
+        images, targets = batch
+        self._sync()
+        t0 = time.perf_counter()
+        preds = self(images)
+        self._sync()
+        self._test_seconds += time.perf_counter() - t0 + self._extra_seconds(targets)
+        self._test_images += len(images)
+        self.test_map.update(preds, _metric_targets(targets))
+        self.test_voc07.update(preds, _metric_targets(targets))
+        self._keep_samples(batch_idx, images, preds, targets)
+
+    def on_test_epoch_end(self) -> None:
+        t0 = time.perf_counter()
+        self._log_map(self.test_map, self.test_voc07, "test")
+        self.log("test/map_seconds", time.perf_counter() - t0)  # the COCO + VOC07 evaluation
+        speed = self._test_images / max(self._test_seconds, 1e-9)
+        self.log("test/images_per_s", speed, sync_dist=True)  # per device, mean over devices
+        self._log_samples("test/detections")
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def predict_step(self, batch: Batch, batch_idx: int) -> dict[str, list[dict[str, Any]]]:
+        images, targets = batch[0], batch[1] if len(batch) > 1 else None
+        preds = self(images)
+        ids = [t["image_id"] for t in targets] if targets else list(range(len(images)))
+        k = self.hparams.num_sample_images
+        if batch_idx == 0 and k > 0:
+            picture = self.draw(images[:k], preds[:k], targets[:k] if targets else None)
+            log_picture(self, "predict/detections", picture, caption=self._caption())
+        # a dict, not a list: a list per batch would read as one list per predict loader
+        return {
+            "rows": [row for p, i in zip(preds, ids, strict=True) for row in to_coco_rows(p, i)]
+        }
+
+    def format_predictions(self, outputs: list[dict[str, list[dict]]]) -> list[dict[str, Any]]:
+        """COCO results rows (image_id, category_id, bbox xywh, score), loader order."""
+        return [row for out in outputs for row in out["rows"]]
+
+
+class FasterRCNNModule(DetectionScoring, LightningModule):
     monitor = ("val/map", "max")  # what the best checkpoint tracks
 
     def __init__(
@@ -169,10 +269,7 @@ class FasterRCNNModule(LightningModule):
             rpn_post_nms_top_n_test=rpn_post_nms_top_n_test,
             box_detections_per_img=box_detections_per_img,
         )
-        self.val_map, self.test_map = _new_map(), _new_map()
-        self.val_voc07, self.test_voc07 = VOC07MeanAveragePrecision(), VOC07MeanAveragePrecision()
-        self._samples: tuple[list[torch.Tensor], list[dict], list[dict]] | None = None
-        self._test_seconds, self._test_images = 0.0, 0
+        self._init_scoring()
         self._step_start, self._train_seconds, self._train_steps = 0.0, 0.0, 0
 
     def setup(self, stage: str) -> None:
@@ -228,84 +325,11 @@ class FasterRCNNModule(LightningModule):
         self._train_steps += 1
         self.log("train/seconds_per_step", self._train_seconds / self._train_steps)
 
-    def validation_step(self, batch: Batch, batch_idx: int) -> None:
-        images, targets = batch
-        preds = self(images)
-        self.val_map.update(preds, _metric_targets(targets))
-        self.val_voc07.update(preds, _metric_targets(targets))
-        k = self.hparams.num_sample_images
-        if batch_idx == 0 and k > 0 and not self.trainer.sanity_checking:
-            self._samples = (images[:k], preds[:k], targets[:k])
-
-    def _log_map(
-        self, coco: ShardedMeanAveragePrecision, voc07: VOC07MeanAveragePrecision, stage: str
-    ) -> None:
-        values = coco.compute()  # already synced across ranks
-        coco.reset()
-        for k in MAP_KEYS:
-            self.log(f"{stage}/{k}", values[k].float(), prog_bar=k == "map")
-        self.log(f"{stage}/voc07_map_50", voc07.compute().float())  # synced too
-        voc07.reset()
-
-    def on_validation_epoch_end(self) -> None:
-        self._log_map(self.val_map, self.val_voc07, "val")
-        if self._samples is not None:
-            images, preds, targets = self._samples
-            self._samples = None
-            log_picture(
-                self, "val/detections", self.draw(images, preds, targets), caption=self._caption()
-            )
-
-    def on_test_epoch_start(self) -> None:
-        self._test_seconds, self._test_images = 0.0, 0
-
-    def test_step(self, batch: Batch, batch_idx: int) -> None:
-        images, targets = batch
-        self._sync()
-        t0 = time.perf_counter()
-        preds = self(images)
-        self._sync()
-        self._test_seconds += time.perf_counter() - t0
-        self._test_images += len(images)
-        self.test_map.update(preds, _metric_targets(targets))
-        self.test_voc07.update(preds, _metric_targets(targets))
-
-    def on_test_epoch_end(self) -> None:
-        t0 = time.perf_counter()
-        self._log_map(self.test_map, self.test_voc07, "test")
-        self.log("test/map_seconds", time.perf_counter() - t0)  # the COCO + VOC07 evaluation
-        speed = self._test_images / max(self._test_seconds, 1e-9)
-        self.log("test/images_per_s", speed, sync_dist=True)  # per device, mean over devices
-
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    def predict_step(self, batch: Batch, batch_idx: int) -> dict[str, list[dict[str, Any]]]:
-        images, targets = batch[0], batch[1] if len(batch) > 1 else None
-        preds = self(images)
-        ids = [t["image_id"] for t in targets] if targets else list(range(len(images)))
-        k = self.hparams.num_sample_images
-        if batch_idx == 0 and k > 0:
-            picture = self.draw(images[:k], preds[:k], targets[:k] if targets else None)
-            log_picture(self, "predict/detections", picture, caption=self._caption())
-        # a dict, not a list: a list per batch would read as one list per predict loader
-        return {
-            "rows": [row for p, i in zip(preds, ids, strict=True) for row in to_coco_rows(p, i)]
-        }
-
-    def format_predictions(self, outputs: list[dict[str, list[dict]]]) -> list[dict[str, Any]]:
-        """COCO results rows (image_id, category_id, bbox xywh, score), loader order."""
-        return [row for out in outputs for row in out["rows"]]
-
     # ------------------------------------------------------------------ pictures
 
     def _names(self) -> dict[int, str]:
         dm = self.trainer.datamodule if self._trainer is not None else None
         return getattr(dm, "category_names", None) or {}
-
-    def _caption(self) -> str:
-        return f"detections with score >= {self.hparams.draw_score_threshold} (truth in green)"
 
     @torch.no_grad()
     def draw(

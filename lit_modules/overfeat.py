@@ -18,15 +18,13 @@ merge included; data loading excluded), so its row sits beside Faster R-CNN's.
 
 from __future__ import annotations
 
-import time
 from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningModule
 
-from lit_modules.detection import MAP_KEYS, _metric_targets, _new_map, to_coco_rows
+from lit_modules.detection import DetectionScoring
 from lit_modules.localization import Normalizer, check_choice
-from lit_modules.metrics import VOC07MeanAveragePrecision
 from lit_modules.nets.backbones import load_weights_file
 from lit_modules.nets.convolutionalize import convolutionalize
 from lit_modules.nets.localization import (
@@ -37,7 +35,7 @@ from lit_modules.nets.localization import (
     dense_detections,
     merge_detections,
 )
-from lit_modules.visual import draw_detections, log_picture
+from lit_modules.visual import draw_detections
 
 Batch = tuple[list[torch.Tensor], list[dict[str, Any]]]
 
@@ -54,7 +52,7 @@ def load_regressor_state(path: str) -> dict[str, torch.Tensor]:
     return net
 
 
-class OverFeatDetector(LightningModule):
+class OverFeatDetector(DetectionScoring, LightningModule):
     monitor = ("val/map", "max")
 
     def __init__(
@@ -127,10 +125,7 @@ class OverFeatDetector(LightningModule):
                 "map cells would not fall on whole windows"
             )
         self.normalizer = Normalizer(in_channels=net.in_channels, normalize=normalize)
-        self.val_map, self.test_map = _new_map(), _new_map()
-        self.val_voc07, self.test_voc07 = VOC07MeanAveragePrecision(), VOC07MeanAveragePrecision()
-        self._samples: tuple[list[torch.Tensor], list[dict], list[dict]] | None = None
-        self._test_seconds, self._test_images = 0.0, 0
+        self._init_scoring()
 
     def train(self, mode: bool = True) -> OverFeatDetector:
         super().train(mode)
@@ -177,72 +172,6 @@ class OverFeatDetector(LightningModule):
 
     def training_step(self, batch: Batch, batch_idx: int) -> None:
         return None  # a skipped step: `fit` only validates
-
-    # ------------------------------------------------------------------ evaluation
-
-    def validation_step(self, batch: Batch, batch_idx: int) -> None:
-        images, targets = batch
-        preds = self(images)
-        self.val_map.update(preds, _metric_targets(targets))
-        self.val_voc07.update(preds, _metric_targets(targets))
-        k = self.hparams.num_sample_images
-        if batch_idx == 0 and k > 0 and not self.trainer.sanity_checking:
-            self._samples = (images[:k], preds[:k], targets[:k])
-
-    def _log_map(self, coco: Any, voc07: VOC07MeanAveragePrecision, stage: str) -> None:
-        values = coco.compute()  # already synced across ranks
-        coco.reset()
-        for k in MAP_KEYS:
-            self.log(f"{stage}/{k}", values[k].float(), prog_bar=k == "map")
-        self.log(f"{stage}/voc07_map_50", voc07.compute().float())
-        voc07.reset()
-
-    def on_validation_epoch_end(self) -> None:
-        self._log_map(self.val_map, self.val_voc07, "val")
-        if self._samples is not None:
-            images, preds, targets = self._samples
-            self._samples = None
-            log_picture(self, "val/detections", self.draw(images, preds, targets))
-
-    def on_test_epoch_start(self) -> None:
-        self._test_seconds, self._test_images = 0.0, 0
-
-    def test_step(self, batch: Batch, batch_idx: int) -> None:
-        images, targets = batch
-        self._sync()
-        t0 = time.perf_counter()
-        preds = self(images)
-        self._sync()
-        self._test_seconds += time.perf_counter() - t0
-        self._test_images += len(images)
-        self.test_map.update(preds, _metric_targets(targets))
-        self.test_voc07.update(preds, _metric_targets(targets))
-        k = self.hparams.num_sample_images
-        if batch_idx == 0 and k > 0:  # a test-only run (nothing trains here) gets its picture
-            self._samples = (images[:k], preds[:k], targets[:k])
-
-    def on_test_epoch_end(self) -> None:
-        self._log_map(self.test_map, self.test_voc07, "test")
-        if self._samples is not None:
-            images, preds, targets = self._samples
-            self._samples = None
-            log_picture(self, "test/detections", self.draw(images, preds, targets))
-        speed = self._test_images / max(self._test_seconds, 1e-9)
-        self.log("test/images_per_s", speed, sync_dist=True)  # per device, mean over devices
-
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    def predict_step(self, batch: Batch, batch_idx: int) -> dict[str, list[dict[str, Any]]]:
-        images, targets = batch[0], batch[1] if len(batch) > 1 else None
-        preds = self(images)
-        ids = [t["image_id"] for t in targets] if targets else list(range(len(images)))
-        return {"rows": [r for p, i in zip(preds, ids, strict=True) for r in to_coco_rows(p, i)]}
-
-    def format_predictions(self, outputs: list[dict[str, list[dict]]]) -> list[dict[str, Any]]:
-        """COCO results rows (image_id, category_id, bbox xywh, score), loader order."""
-        return [row for out in outputs for row in out["rows"]]
 
     def draw(
         self,
