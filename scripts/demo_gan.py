@@ -61,7 +61,14 @@ def classifier_weights(root: Path) -> Path:
     path = root / "weights" / "digits_classifier.pt"
     if not path.is_file():
         print("[gan] training the digits classifier that scores the samples")
-        metrics = run_config("gan/digits_classifier.yaml", "gan_classifier", root, [], test=False)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(THREADS)  # the judge's weights, hence every FID, must not vary
+        try:  # with the machine's thread count either (see THREADS)
+            metrics = run_config(
+                "gan/digits_classifier.yaml", "gan_classifier", root, [], test=False
+            )
+        finally:
+            torch.set_num_threads(threads)
         print(f"[gan] digits classifier val/acc {metrics['val/acc']:.3f}")
     return path
 
