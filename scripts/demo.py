@@ -190,6 +190,8 @@ TOPICS = {  # name -> module with `demo(out) -> dict` and `report(result) -> lis
     "detection": "scripts.demo_detection",
     "segmentation": "scripts.demo_segmentation",
     "gan": "scripts.demo_gan",
+    "lineage": "scripts.demo_lineage",  # after detection and scale: it reuses their runs
+    "deepmask": "scripts.demo_deepmask",
 }
 
 
