@@ -13,11 +13,14 @@ the trained Faster R-CNN's RPN. `demo(out)` returns the numbers, `report(result)
 
 from __future__ import annotations
 
+import importlib
 import json
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone, no install
 
@@ -73,13 +76,9 @@ def speed_at(run: Path, n: int = PAPER_PROPOSALS, scenes: int = SPEED_SCENES) ->
     proposals per image, the count R-CNN's papers run: selective search finds only ~20 boxes on
     a 96 px digit scene, where it finds ~2,000 on a 500 px photograph, and R-CNN's cost grows
     with the count. Sliding windows stand in for them (speed only: no mAP at this count)."""
-    from lit_modules.rcnn import FastRCNNModule, RCNNModule
-
-    cls = (
-        RCNNModule
-        if "rcnn_" in run.parent.name and "fast" not in run.parent.name
-        else FastRCNNModule
-    )
+    path = yaml.safe_load((run / "config.yaml").read_text())["model"]["class_path"]
+    module_name, cls_name = path.rsplit(".", 1)
+    cls = getattr(importlib.import_module(module_name), cls_name)  # the run's own module class
     module = cls.load_from_checkpoint(_best_checkpoint(run), map_location="cpu").eval()
     module.hparams.test_max_proposals = None  # every one of the n
     images, _ = digit_scenes(scenes + 1)
