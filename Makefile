@@ -38,7 +38,7 @@ format: $(VENV)/.installed-dev  ## ruff format + import sorting
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-benchmark: $(VENV)/.installed  ## speed ratios (Trainer vs plain loop, bf16 vs fp32)
+benchmark: $(VENV)/.installed  ## speed ratios for every module (scripts/benchmark.py)
 	$(BIN)/python scripts/benchmark.py
 
 reproduce: $(VENV)/.installed  ## quick versions of every paper table

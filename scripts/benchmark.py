@@ -1,28 +1,38 @@
-"""Speed figures as ratios measured in one run: Lightning vs a plain loop, bf16-mixed vs fp32,
-dense class maps vs sliding-window crops.
+"""Speed figures as ratios measured in one run, for every module: the Trainer against a plain
+PyTorch loop, the data pipeline against training, achieved FLOP/s against the machine's matmul
+peak, bf16-mixed against fp32, and (detection) faster_coco_eval against pycocotools.
 
-    python scripts/benchmark.py [--out runs/benchmark] [--repeats 3] [--epochs-bf16 3]
+    python scripts/benchmark.py [--out runs/benchmark] [--repeats 3] [--modules gan detection]
+    python scripts/benchmark.py --quick    # tiny step counts: a smoke run (the tests')
 
 Absolute seconds depend on the machine and on whatever else runs on it; a ratio of two
-measurements taken side by side in one process does not (much). So both sides of each
-comparison run here, with the same threads, seed, data, net, optimizer and metric:
+measurements taken side by side in one process does not (much). So both sides of each figure
+run here, alternated after a warm-up, with the same threads, seed, batches and code. Every
+module (classification, detection, segmentation, gan, localization) is built from its YAML
+config with small sizes (scripts/bench_modules.py says what each plain step does):
 
-- Lightning overhead: one epoch of the digits classifier (4,000 images, batch 64) through
-  `Trainer.fit` vs a hand-written PyTorch loop doing the same work, alternated (plain, lightning,
-  plain, ...) after one warm-up of each, so drifting background load hits both alike. The
-  headline counts `Trainer(...)` + `trainer.fit(...)` (what a user pays); the fit alone and the
-  epoch alone (timed between the on_train_epoch_start/end hooks) are reported beside it.
-- bf16-mixed vs fp32: the same training for a few epochs at each precision on CPU: seconds per
-  epoch (median over epochs, hook to hook), their ratio, and test accuracy of each.
-- dense vs sliding: a convolutionalized digits classifier once over a 224 px scene against the
-  classifier on each of its 2,500 crops (28 px, stride 4), alternated; with zero-padded convs
-  (DigitsCNN) and without (its unpadded twin, whose scores must equal the crops' to 1e-4).
+- Trainer vs plain loop (target <= 1.05): `Trainer(...)` + `fit` on a pre-built list of batches
+  against a hand-written loop over the same list calling the module's own net, loss and
+  configure_optimizers (for the GAN: its two optimisers and the D then G steps of its
+  training_step). Median of the repeats; the epoch hook to hook ("loop ratio") beside it.
+- Data pipeline vs training (target >= 5x): the DataModule's train DataLoader alone (the config's
+  workers) against the training step on pre-built batches, and the share of a step spent in
+  next(iterator) when that loader feeds the loop.
+- FLOP/s: FlopCounterMode's count of one forward + backward over the measured step time, as a
+  fraction of a large fp32 (and bf16) matmul timed in the same run: the practical peak.
+- bf16-mixed vs fp32: seconds per step of the plain loop under CPU autocast vs fp32.
+- mAP (detection): torchmetrics' MeanAveragePrecision with backend faster_coco_eval vs
+  pycocotools on the same detections; the scores must agree (max_abs_diff).
+- The digits classifier also keeps its epoch-level figures: Lightning vs plain with its
+  DataLoader, bf16-mixed vs fp32 with test accuracy after the same epochs, and (issue 11) a
+  dense class map vs sliding-window crops.
 
 Threads default to 1: on a small machine shared with other jobs, several OpenMP threads per
-process oversubscribe the cores and an epoch's time swings tenfold from run to run; one thread
-keeps the comparison about the code, not the scheduler. Wall and CPU seconds are both reported.
+process oversubscribe the cores and a step's time swings from run to run; one thread keeps the
+comparison about the code, not the scheduler. Each figure in bench.json keeps both times, the
+ratio, the repeats, the threads and the load average before and after it.
 
-Writes <out>/benchmark.json and <out>/BENCHMARK.md, and prints the table.
+Writes <out>/bench.json and <out>/BENCHMARK.md, and prints the tables.
 """
 
 from __future__ import annotations
@@ -43,7 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone
 
 import lightning  # noqa: E402
 import torch  # noqa: E402
-from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything  # noqa: E402
+from lightning.pytorch import seed_everything  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 from datamodules.digits import DIGITS_MEAN, DIGITS_STD, DigitCanvas, DigitsDataModule  # noqa: E402
@@ -51,33 +61,18 @@ from lit_modules.callbacks import keep_previous  # noqa: E402
 from lit_modules.nets.backbones import DigitsCNN, unpadded_digits_cnn  # noqa: E402
 from lit_modules.spatial import dense_vs_sliding  # noqa: E402
 from lit_modules.transfer import TransferClassifier  # noqa: E402
+from scripts.bench_modules import (  # noqa: E402
+    SPECS,
+    EpochTimer,
+    clock,
+    make_trainer,
+    matmul_peak,
+    measure_map,
+    measure_module,
+    since,
+)
 
 BATCH_SIZE = 64
-
-
-def clock() -> tuple[float, float]:
-    """(wall, CPU) seconds. CPU time of a 1-thread run barely moves when other jobs share the
-    cores; wall time does, so both are kept."""
-    return time.perf_counter(), time.process_time()
-
-
-def since(start: tuple[float, float]) -> tuple[float, float]:
-    now = clock()
-    return now[0] - start[0], now[1] - start[1]
-
-
-class EpochTimer(Callback):
-    """(wall, CPU) seconds of each training epoch, hook to hook: the loop alone, no fit setup."""
-
-    def __init__(self) -> None:
-        self.times: list[tuple[float, float]] = []
-        self._start = (0.0, 0.0)
-
-    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._start = clock()
-
-    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.times.append(since(self._start))
 
 
 def quiet() -> None:
@@ -87,6 +82,7 @@ def quiet() -> None:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
     warnings.filterwarnings("ignore", message=".*no `val_dataloader`.*")
+    warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")  # frozen stages
 
 
 def make_data() -> DigitsDataModule:
@@ -105,23 +101,6 @@ def make_module(seed: int, scheduler: str = "none") -> TransferClassifier:
         mode="scratch",
         scheduler=scheduler,  # type: ignore[arg-type]
         num_sample_images=0,
-    )
-
-
-def make_trainer(limit_batches: int | None, **kwargs: Any) -> Trainer:
-    """A bare CPU Trainer: no logger, checkpoints, progress bar, summary or validation."""
-    limit = limit_batches if limit_batches is not None else 1.0
-    return Trainer(
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-        devices=1,
-        limit_train_batches=limit,
-        limit_val_batches=0,
-        limit_test_batches=limit,
-        **kwargs,
     )
 
 
@@ -273,53 +252,136 @@ def measure_dense(repeats: int, seed: int) -> dict[str, Any]:
     return out
 
 
-def markdown(result: dict[str, Any]) -> str:
-    o, b, env = result["trainer_vs_plain"], result["bf16_vs_fp32"], result["env"]
+def _table(title: str, header: list[str], rows: list[list[str]], *notes: str) -> list[str]:
+    lines = [f"## {title}", "", "| " + " | ".join(header) + " |"]
+    lines.append("|---|" + "---:|" * (len(header) - 1))
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return [*lines, "", *(n for n in notes if n), *([""] if any(notes) else [])]
+
+
+def _load(f: dict[str, Any]) -> str:
+    return f"{f['load_before']:.1f} / {f['load_after']:.1f}"
+
+
+def module_tables(modules: dict[str, dict[str, Any]], peak: dict[str, float]) -> list[str]:
+    """The step-level figures of every module measured: one table per figure."""
+    fig = {k: {m: r[k] for m, r in modules.items()} for k in ("trainer_vs_plain", "pipeline")}
+    fig |= {k: {m: r[k] for m, r in modules.items()} for k in ("flops", "bf16_vs_fp32")}
+    o = fig["trainer_vs_plain"]
+    lines = _table(
+        "Trainer vs plain PyTorch loop, the same pre-built batches (target <= 1.05)",
+        ["module", "steps", "plain s", "Trainer() + fit s", "ratio", "loop ratio",
+         "paired ratio", "CPU ratio", "repeats", "load before / after"],
+        [[m, str(f["steps"]), f"{f['plain_s']:.3f}", f"{f['lightning_s']:.3f}",
+          f"{f['ratio']:.3f}", f"{f['ratio_loop']:.3f}", f"{f['ratio_paired_median']:.3f}",
+          f"{f['ratio_cpu']:.3f}", str(f["repeats"]), _load(f)]
+         for m, f in o.items()],
+        "Wall seconds, median of the alternated repeats (ratio: of the medians; paired: median "
+        "of each repeat's ratio). Loop ratio: the epoch hook to hook against the plain loop "
+        "without its optimizer setup. CPU ratio: process CPU seconds, which other jobs on the "
+        "cores barely move (one thread); on a shared machine it is the steadier figure.",
+    )  # fmt: skip
+    lines += _table(
+        "Data pipeline vs training: the train DataLoader alone (target >= 5x)",
+        ["module", "workers", "batch", "loader s / batch", "train s / step", "ratio",
+         "share of a step waiting for data", "load before / after"],
+        [[m, str(f["workers"]), str(f["batch_size"]), f"{f['loader_batch_s']:.4f}",
+          f"{f['train_step_s']:.4f}", f"{f['ratio']:.1f}x", f"{f['wait_share']:.1%}", _load(f)]
+         for m, f in fig["pipeline"].items()],
+        "Wait share: time in next(iterator) over the whole loop when that loader feeds the plain "
+        "loop (the config's workers; 0: loading and training take turns on one core).",
+    )  # fmt: skip
+    lines += _table(
+        "Achieved FLOP/s of a training step against the machine's matmul peak",
+        ["module", "GFLOP / step", "fp32 GFLOP/s", "of fp32 peak", "bf16 GFLOP/s",
+         "of bf16 peak"],
+        [[m, f"{f['flops_per_step'] / 1e9:.2f}", f"{f['achieved_flops'] / 1e9:.1f}",
+          f"{f['ratio']:.1%}", f"{f['bf16_achieved_flops'] / 1e9:.1f}", f"{f['bf16_ratio']:.1%}"]
+         for m, f in fig["flops"].items()],
+        f"Peak: a {peak['n']}x{peak['n']} matmul, best of {peak['repeats']}: fp32 "
+        f"{peak['fp32_flops'] / 1e9:.1f} GFLOP/s, bf16 {peak['bf16_flops'] / 1e9:.1f} GFLOP/s. "
+        "FLOPs: torch FlopCounterMode over one forward + backward (matmuls and convolutions; "
+        "RoIAlign, NMS and elementwise ops uncounted); time: the whole step, optimizer included.",
+    )  # fmt: skip
+    lines += _table(
+        "bf16-mixed vs fp32: seconds per training step (plain loop, CPU autocast)",
+        ["module", "fp32 s / step", "bf16 s / step", "speed-up", "paired", "CPU speed-up",
+         "repeats", "load before / after"],
+        [[m, f"{f['fp32_step_s']:.4f}", f"{f['bf16_step_s']:.4f}", f"{f['ratio']:.2f}x",
+          f"{f['ratio_paired_median']:.2f}x", f"{f['ratio_cpu']:.2f}x", str(f["repeats"]),
+          _load(f)] for m, f in fig["bf16_vs_fp32"].items()],
+    )  # fmt: skip
+    if "detection" in modules and "map_backends" in modules["detection"]:
+        f = modules["detection"]["map_backends"]
+        s = f["scores"]["faster_coco_eval"]
+        lines += _table(
+            f"COCO mAP: faster_coco_eval vs pycocotools, the same {f['images']} images' detections",
+            ["backend", "seconds (update + compute)", "map", "map_50", "map_75"],
+            [[b, f"{f[b + '_s']:.4f}", *(f"{f['scores'][b][k]:.6f}" for k in
+              ("map", "map_50", "map_75"))] for b in ("pycocotools", "faster_coco_eval")],
+            f"Speed-up {f['ratio']:.2f}x (median of {f['repeats']}, alternated); largest score "
+            f"difference {f['max_abs_diff']:.2g} over {len(s)} scores; load {_load(f)}.",
+        )  # fmt: skip
+    return lines
+
+
+def classifier_tables(o: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """The digits classifier's epoch-level figures: DataLoader included, accuracy after bf16."""
     rows = [
         ("plain PyTorch loop", o["plain_s"], 1.0),
         ("Lightning: Trainer() + fit (headline)", o["lightning_s"], o["ratio"]),
         ("Lightning: fit only", o["lightning_fit_s"], o["ratio_fit"]),
         ("Lightning: epoch, hook to hook", o["lightning_epoch_s"], o["ratio_epoch"]),
     ]
-    lines = [
-        f"## Lightning vs plain PyTorch: one epoch, {o['batches']} batches of {BATCH_SIZE} digits "
-        f"(median of {o['repeats']}, alternated)",
-        "",
-        "| run | seconds | ratio to plain |",
-        "|---|---:|---:|",
-        *(f"| {name} | {s:.3f} | {r:.3f} |" for name, s, r in rows),
-        "",
+    lines = _table(
+        f"Classifier epoch, Lightning vs plain PyTorch: {o['batches']} batches of {BATCH_SIZE} "
+        f"digits, loader included (median of {o['repeats']}, alternated)",
+        ["run", "seconds", "ratio to plain"],
+        [[name, f"{s:.3f}", f"{r:.3f}"] for name, s, r in rows],
         f"Median of paired ratios (Trainer() + fit / plain): {o['ratio_paired_median']:.3f}. "
         f"CPU seconds: plain {o['plain_cpu_s']:.3f}, Trainer() + fit {o['lightning_cpu_s']:.3f}, "
         f"ratio {o['ratio_cpu']:.3f}.",
-        "",
-        f"## bf16-mixed vs fp32 on CPU: {b['epochs']} epochs, digits 0-9 from scratch",
-        "",
-        "| precision | s / epoch (median) | CPU s / epoch | test/acc |",
-        "|---|---:|---:|---:|",
-        *(
-            f"| {name} | {r['epoch_s']:.3f} | {r['epoch_cpu_s']:.3f} | {r['test_acc']:.4f} |"
+    )
+    return lines + _table(
+        f"Classifier bf16-mixed vs fp32 on CPU: {b['epochs']} epochs, digits 0-9 from scratch",
+        ["precision", "s / epoch (median)", "CPU s / epoch", "test/acc"],
+        [
+            [name, f"{r['epoch_s']:.3f}", f"{r['epoch_cpu_s']:.3f}", f"{r['test_acc']:.4f}"]
             for name, r in (("32-true", b["fp32"]), ("bf16-mixed", b["bf16"]))
-        ),
-        "",
+        ],
         f"Speed ratio fp32 / bf16: {b['speed_ratio']:.3f} wall, {b['speed_ratio_cpu']:.3f} CPU "
-        "(> 1: bf16 faster). "
-        f"Accuracy difference bf16 - fp32: {b['acc_diff']:+.4f}.",
-        "",
-        "## Dense class map vs sliding-window crops: one 224 px scene, 28 px crops, stride 4",
-        "",
-        "| net | sliding s | dense s | speed-up | max abs score difference |",
-        "|---|---:|---:|---:|---:|",
-        *(
-            f"| {name} | {r['sliding_s']:.4f} | {r['dense_s']:.4f} | {r['speedup']:.1f}x "
-            f"| {r['max_abs_diff']:.2g} |"
-            for name, r in result["dense_vs_sliding"].items()
-        ),
-        "",
+        f"(> 1: bf16 faster). Accuracy difference bf16 - fp32: {b['acc_diff']:+.4f}.",
+    )
+
+
+def markdown(result: dict[str, Any]) -> str:
+    env, lines = result["env"], []
+    if result.get("modules"):
+        lines += module_tables(result["modules"], result["matmul_peak"])
+    if "classifier_epoch" in result:
+        epoch = result["classifier_epoch"]
+        lines += classifier_tables(epoch["trainer_vs_plain"], epoch["bf16_vs_fp32"])
+    if "dense_vs_sliding" in result:
+        lines += _table(
+            "Dense class map vs sliding-window crops: one 224 px scene, 28 px crops, stride 4",
+            ["net", "sliding s", "dense s", "speed-up", "max abs score difference"],
+            [
+                [n, f"{r['sliding_s']:.4f}", f"{r['dense_s']:.4f}", f"{r['speedup']:.1f}x",
+                 f"{r['max_abs_diff']:.2g}"]
+                for n, r in result["dense_vs_sliding"].items()
+                if isinstance(r, dict)
+            ],
+        )  # fmt: skip
+    lines.append(
         f"torch {env['torch']}, lightning {env['lightning']}, {env['threads']} threads, "
         f"{env['cpus']} CPUs, load average {env['load_before']:.2f} before / "
-        f"{env['load_after']:.2f} after, {env['wall_s']:.0f} s in all.",
-    ]
+        f"{env['load_after']:.2f} after, {env['wall_s']:.0f} s in all"
+        + (
+            " (--quick: tiny step counts, a smoke run, not a measurement)."
+            if env.get("quick")
+            else "."
+        )
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -331,14 +393,54 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=Formatter)
     add = parser.add_argument
     add("--out", type=Path, default=Path("runs/benchmark"), help="output folder")
-    add("--repeats", type=int, default=3, help="timed epochs per side after one warm-up each")
-    add("--epochs-bf16", type=int, default=3, help="training epochs per precision")
+    add("--repeats", type=int, default=3, help="timed runs per side after one warm-up each")
+    add("--epochs-bf16", type=int, default=3, help="classifier training epochs per precision")
     add("--threads", type=int, default=1, help="torch threads for every run (see above)")
     add("--seed", type=int, default=0, help="seed of every run")
+    add("--modules", nargs="+", choices=list(SPECS), default=list(SPECS), help="which modules")
+    add("--steps", type=int, default=None, help="steps per timed run (default: per module)")
+    add("--map-images", type=int, default=500, help="images whose detections the mAPs score")
+    add("--quick", action="store_true", help="tiny step counts, one repeat: a smoke run (tests)")
     args = parser.parse_args(argv)
-    if args.repeats < 1 or args.epochs_bf16 < 1 or args.threads < 1:
-        parser.error("--repeats, --epochs-bf16 and --threads must be >= 1")
+    if min(args.repeats, args.epochs_bf16, args.threads, args.map_images, args.steps or 1) < 1:
+        parser.error("--repeats, --epochs-bf16, --threads, --steps and --map-images must be >= 1")
+    if args.quick:
+        args.repeats, args.epochs_bf16, args.steps = 1, 1, 1
+        args.map_images = min(args.map_images, 50)
     return args
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    """Every figure of the chosen modules, in one process."""
+    quick, result = args.quick, {}
+    peak = matmul_peak(512, 2) if quick else matmul_peak()
+    result["matmul_peak"], result["modules"] = peak, {}
+    for name in args.modules:
+        print(f"{name}: Trainer vs plain, bf16 vs fp32, pipeline, FLOP/s ...", flush=True)
+        figures = measure_module(name, args.steps, args.repeats, args.seed, peak, not quick)
+        if name == "detection":
+            print("detection: mAP with pycocotools vs faster_coco_eval ...", flush=True)
+            figures["map_backends"] = measure_map(args.map_images, args.repeats, args.seed)
+        result["modules"][name] = figures
+    if "classification" in args.modules:
+        limit, dm, epoch = 2 if quick else None, make_data(), {}
+        print(f"classifier epoch, Lightning vs plain: {args.repeats} alternated ...", flush=True)
+        epoch["trainer_vs_plain"] = noted(measure_overhead, args.repeats, limit, args.seed, dm)
+        print(f"classifier bf16-mixed vs fp32: {args.epochs_bf16} epochs each ...", flush=True)
+        epoch["bf16_vs_fp32"] = noted(measure_bf16, args.epochs_bf16, limit, args.seed, dm)
+        result["classifier_epoch"] = epoch
+        print("dense class map vs sliding crops ...", flush=True)
+        repeats = 1 if quick else max(args.repeats, 5)
+        result["dense_vs_sliding"] = noted(measure_dense, repeats, args.seed)
+    return result
+
+
+def noted(measure_fn: Any, *args: Any) -> dict[str, Any]:
+    """`measure_fn(*args)` with the threads and the load average before and after it."""
+    load = os.getloadavg()[0]
+    out = measure_fn(*args)
+    return out | {"threads": torch.get_num_threads(), "load_before": load,
+                  "load_after": os.getloadavg()[0]}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -346,14 +448,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     quiet()
     torch.set_num_threads(args.threads)
     load_before, start = os.getloadavg()[0], time.perf_counter()
-    dm = make_data()
-    print(f"Lightning vs plain: 1 warm-up + {args.repeats} alternated epochs each ...", flush=True)
-    overhead = measure_overhead(args.repeats, seed=args.seed, dm=dm)
-    print(f"bf16-mixed vs fp32: {args.epochs_bf16} epochs each ...", flush=True)
-    bf16 = measure_bf16(args.epochs_bf16, seed=args.seed, dm=dm)
-    print("dense class map vs sliding crops ...", flush=True)
-    dense = measure_dense(max(args.repeats, 5), seed=args.seed)
-    env = {
+    result = measure(args)
+    result["env"] = {
         "torch": torch.__version__,
         "lightning": lightning.__version__,
         "threads": torch.get_num_threads(),
@@ -361,21 +457,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "load_before": load_before,
         "load_after": os.getloadavg()[0],
         "wall_s": time.perf_counter() - start,
-    }
-    result = {
-        "trainer_vs_plain": overhead,
-        "bf16_vs_fp32": bf16,
-        "dense_vs_sliding": dense,
-        "env": env,
+        "quick": args.quick,
+        "modules": args.modules,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    for name in ("benchmark.json", "BENCHMARK.md"):  # an earlier measurement is kept
+    for name in ("bench.json", "BENCHMARK.md"):  # an earlier measurement is kept
         keep_previous(args.out / name)
-    (args.out / "benchmark.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
     table = markdown(result)
     (args.out / "BENCHMARK.md").write_text("# cnnlab benchmark\n\n" + table)
     print(table)
-    print(f"wrote {args.out / 'benchmark.json'} and {args.out / 'BENCHMARK.md'}")
+    print(f"wrote {args.out / 'bench.json'} and {args.out / 'BENCHMARK.md'}")
     return result
 
 

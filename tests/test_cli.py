@@ -92,6 +92,8 @@ def fast_dev_runs(source_weights: Path, tmp_path_factory: pytest.TempPathFactory
             for key in ("weights", "weights_backbone")
             if cfg["model"]["init_args"].get(key)
         ]
+        if "cache_dir" in cfg["data"]["init_args"]:  # proposals: a cache of the test's own
+            extra.append(f"--data.cache_dir={root / 'proposals'}")
         runs.append(
             ["fit", f"--config={config}", "--trainer.fast_dev_run=true",
              f"--trainer.default_root_dir={root}", f"--name={Path(config).stem}", *QUIET, *extra]

@@ -97,18 +97,66 @@ def test_imagefolder_with_class_subset_and_label_budget(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def digits_dm() -> benchmark.DigitsDataModule:
-    return benchmark.make_data()
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
+    """One `benchmark.py --quick` run of every figure of every module (~25-30 s on 2 cores)."""
+    out = tmp_path_factory.mktemp("benchmark")
+    return benchmark.main(["--quick", "--out", str(out)]), out
 
 
 @pytest.fixture(scope="module")
-def overhead(digits_dm: benchmark.DigitsDataModule) -> dict:
-    return benchmark.measure_overhead(repeats=1, limit_batches=2, dm=digits_dm)
+def overhead(quick_run: tuple[dict, Path]) -> dict:
+    return quick_run[0]["classifier_epoch"]["trainer_vs_plain"]
 
 
 @pytest.fixture(scope="module")
-def bf16(digits_dm: benchmark.DigitsDataModule) -> dict:
-    return benchmark.measure_bf16(epochs=1, limit_batches=2, dm=digits_dm)
+def bf16(quick_run: tuple[dict, Path]) -> dict:
+    return quick_run[0]["classifier_epoch"]["bf16_vs_fp32"]
+
+
+@pytest.fixture(scope="module")
+def dense(quick_run: tuple[dict, Path]) -> dict:
+    return quick_run[0]["dense_vs_sliding"]
+
+
+FIGURE_KEYS = ("ratio", "repeats", "threads", "load_before", "load_after")
+TIMES = {
+    "trainer_vs_plain": (
+        "plain_s",
+        "lightning_s",
+        "plain_loop_s",
+        "lightning_loop_s",
+        "plain_cpu_s",
+    ),
+    "bf16_vs_fp32": ("fp32_step_s", "bf16_step_s", "fp32_step_cpu_s", "bf16_step_cpu_s"),
+    "pipeline": ("loader_batch_s", "train_step_s", "fed_step_s"),
+    "flops": ("achieved_flops", "peak_flops", "bf16_achieved_flops", "bf16_peak_flops"),
+}
+
+
+@pytest.mark.parametrize("module", list(benchmark.SPECS))
+def test_benchmark_module_figures_smoke(quick_run: tuple[dict, Path], module: str) -> None:
+    figures = quick_run[0]["modules"][module]
+    for name, times in TIMES.items():
+        figure = figures[name]
+        assert all(k in figure for k in FIGURE_KEYS), (name, figure)
+        assert all(figure[t] > 0 for t in times), (name, figure)
+        assert math.isfinite(figure["ratio"]) and figure["ratio"] > 0
+        assert figure["threads"] == 1 and figure["repeats"] == 1
+    for name, key in (("trainer_vs_plain", "ratio_loop"), ("trainer_vs_plain", "ratio_cpu")):
+        assert math.isfinite(figures[name][key]) and figures[name][key] > 0
+    assert math.isfinite(figures["bf16_vs_fp32"]["ratio_cpu"])
+    assert 0.0 <= figures["pipeline"]["wait_share"] < 1.0
+    assert figures["flops"]["flops_per_step"] > 0 and figures["flops"]["ratio"] < 1.5
+
+
+def test_benchmark_map_backends_agree(quick_run: tuple[dict, Path]) -> None:
+    m = quick_run[0]["modules"]["detection"]["map_backends"]
+    assert m["pycocotools_s"] > 0 and m["faster_coco_eval_s"] > 0 and math.isfinite(m["ratio"])
+    scores = m["scores"]
+    assert 0.0 < scores["pycocotools"]["map"] < 1.0  # neither trivial nor perfect
+    for key, value in scores["pycocotools"].items():
+        assert scores["faster_coco_eval"][key] == pytest.approx(value, abs=1e-6), key
+    assert m["max_abs_diff"] <= 1e-6
 
 
 def test_benchmark_overhead_smoke(overhead: dict) -> None:
@@ -125,21 +173,43 @@ def test_benchmark_bf16_smoke(bf16: dict) -> None:
     assert math.isfinite(bf16["speed_ratio"]) and abs(bf16["acc_diff"]) <= 1.0
 
 
-@pytest.fixture(scope="module")
-def dense() -> dict:
-    return benchmark.measure_dense(repeats=1, seed=0)
-
-
 def test_benchmark_dense_equals_sliding_without_padding(dense: dict) -> None:
     assert dense["unpadded_digits_cnn"]["max_abs_diff"] <= 1e-4  # the issue's 1e-4
     assert dense["digits_cnn"]["max_abs_diff"] > 1e-4  # padded: differs near crop borders
-    assert all(r["windows"] == 50 * 50 and r["speedup"] > 0 for r in dense.values())
+    nets = [dense["digits_cnn"], dense["unpadded_digits_cnn"]]
+    assert all(r["windows"] == 50 * 50 and r["speedup"] > 0 for r in nets)
+    assert dense["threads"] == 1 and dense["load_before"] >= 0
 
 
-def test_benchmark_markdown_shows_every_table(overhead: dict, bf16: dict, dense: dict) -> None:
-    env = {"torch": "2", "lightning": "2", "threads": 1, "cpus": 2, "wall_s": 1.0}
-    env |= {"load_before": 0.0, "load_after": 0.0}
-    result = {"trainer_vs_plain": overhead, "bf16_vs_fp32": bf16, "dense_vs_sliding": dense}
-    text = benchmark.markdown(result | {"env": env})
+def test_benchmark_writes_bench_json_and_every_table(quick_run: tuple[dict, Path]) -> None:
+    result, out = quick_run
+    written = json.loads((out / "bench.json").read_text())
+    assert not (out / "benchmark.json").exists()
+    env = written["env"]
+    for key in ("torch", "lightning", "threads", "cpus", "load_before", "load_after", "wall_s"):
+        assert key in env
+    assert env["quick"] is True and sorted(written["modules"]) == sorted(benchmark.SPECS)
+    assert written["matmul_peak"]["fp32_flops"] > 0 and written["matmul_peak"]["bf16_flops"] > 0
+    text = (out / "BENCHMARK.md").read_text()
+    assert text == "# cnnlab benchmark\n\n" + benchmark.markdown(result)
+    for title in (
+        "Trainer vs plain",
+        "Data pipeline",
+        "Achieved FLOP",
+        "bf16-mixed vs",
+        "COCO mAP",
+    ):
+        assert f"## {title}" in text, title
+    for module in benchmark.SPECS:
+        assert text.count(f"| {module} |") == 4  # one row in each per-module table
     assert "| plain PyTorch loop |" in text and "| bf16-mixed |" in text
-    assert "| unpadded_digits_cnn |" in text
+    assert "| unpadded_digits_cnn |" in text and "| faster_coco_eval |" in text
+
+
+def test_benchmark_modules_subset_and_bad_args(tmp_path: Path) -> None:
+    args = benchmark.parse_args(["--modules", "gan", "detection", "--quick"])
+    assert args.modules == ["gan", "detection"] and args.steps == 1 and args.repeats == 1
+    with pytest.raises(SystemExit):
+        benchmark.parse_args(["--modules", "rcnn"])
+    with pytest.raises(SystemExit):
+        benchmark.parse_args(["--repeats", "0"])

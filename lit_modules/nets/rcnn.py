@@ -125,7 +125,7 @@ def warp_crops(
     boxes: Sequence[torch.Tensor],
     *,
     size: int,
-    context: float,
+    context: float = 16 / 227,
 ) -> torch.Tensor:
     """Every box of every image, context-padded and warped (anisotropically) to size x size.
 
