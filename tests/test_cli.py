@@ -252,6 +252,7 @@ def offline_fit(
     return proc.stdout + proc.stderr, seconds
 
 
+@pytest.mark.slow  # a whole W&B-logged run per case: `make test` runs it in its own step
 @pytest.mark.parametrize("network", ["host", "none"])
 def test_wandb_offline_needs_no_account_and_no_network(tmp_path: Path, network: str) -> None:
     """No key, no ~/.netrc, stdin closed: the run is offline, asks nothing, connects nowhere.
@@ -266,6 +267,7 @@ def test_wandb_offline_needs_no_account_and_no_network(tmp_path: Path, network: 
     assert seconds < 60, f"{seconds:.0f} s: something waited for a network time-out"
 
 
+@pytest.mark.slow  # a whole W&B-logged run
 def test_wandb_api_key_lands_nowhere(tmp_path: Path) -> None:
     """A key in the environment (offline run) is in no file of the run, W&B's logs, HOME or output."""
     secret = "cnnlab-FAKE-" + "5ecret" * 7  # the length of a real key (40+)

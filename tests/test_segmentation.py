@@ -307,6 +307,7 @@ def test_sbd_tests_with_only_seg11valid(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------- CLI, DDP
 
 
+@pytest.mark.slow  # fit + predict through the CLI: `make test` runs it in its own step
 def test_fit_then_predict_writes_overlays(tmp_path: Path) -> None:
     """Overlays every validation epoch and per-image predict overlays (DDP parity of the scores:
     tests/test_ddp.py)."""
