@@ -42,7 +42,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 from torchvision.ops import roi_align
 
-from datamodules.common import SPLIT_STAGE, make_loader, stage_splits
+from datamodules.common import SPLIT_STAGE, SplitLoaders, make_loader, stage_splits
 from datamodules.digits import SPLITS, DigitCanvas
 
 Window = tuple[float, float, float]  # (cx, cy, side) in scene pixels
@@ -217,7 +217,7 @@ def scene_collate(batch: list[tuple[torch.Tensor, dict]]) -> tuple[list, list]:
     return [b[0] for b in batch], [b[1] for b in batch]
 
 
-class DeepMaskDataModule(LightningDataModule):
+class DeepMaskDataModule(SplitLoaders, LightningDataModule):
     """DeepMask training windows and whole evaluation scenes from DigitCanvas (see module doc)."""
 
     def __init__(
@@ -315,18 +315,6 @@ class DeepMaskDataModule(LightningDataModule):
             self.scenes(split), batch_size=hp.eval_batch_size, num_workers=hp.num_workers,
             train=False, collate_fn=scene_collate,
         )  # fmt: skip
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train")
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("test")
 
 
 # ----------------------------------------------------------------------------- COCO segm
