@@ -39,6 +39,26 @@ def free_path(path: Path) -> Path:
     return candidate
 
 
+def make_optimizer(params: Any, hp: Any) -> torch.optim.Optimizer:
+    """`hp.optimizer` sgd (momentum, weight decay) or adamw (decoupled weight decay) at `hp.lr`,
+    over parameters or parameter groups: the choice every trained module's config offers."""
+    if hp.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
+    return torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
+
+
+def check_data_classes(module: Any) -> None:
+    """In `setup`: a detector's num_classes (objects + background) must be its DataModule's."""
+    dm = module.trainer.datamodule if module._trainer is not None else None
+    data_classes = getattr(dm, "num_classes", None)
+    if isinstance(data_classes, int) and data_classes != module.hparams.num_classes:
+        raise ValueError(
+            f"the data has {data_classes - 1} classes + background (largest label "
+            f"{data_classes - 1}) but model.num_classes is {module.hparams.num_classes}: "
+            f"set --model.init_args.num_classes {data_classes}"
+        )
+
+
 def check_labels(
     labels: torch.Tensor, num_classes: int, *, ignore_index: int | None = None
 ) -> None:

@@ -43,6 +43,7 @@ from torchvision.ops import box_iou, nms
 from torchvision.utils import draw_segmentation_masks, make_grid
 
 from datamodules.deepmask import segm_rows
+from lit_modules.callbacks import make_optimizer
 from lit_modules.guard import NonFinitePolicy, finite_loss
 from lit_modules.metrics import ShardedListStates
 from lit_modules.nets.deepmask import (
@@ -454,12 +455,7 @@ class DeepMaskModule(LightningModule):
     def configure_optimizers(self) -> Any:
         hp = self.hparams
         params = [p for p in self.net.parameters() if p.requires_grad]
-        if hp.optimizer == "sgd":  # the paper: SGD, momentum 0.9, weight decay 5e-4, lr 1e-3
-            opt: torch.optim.Optimizer = torch.optim.SGD(
-                params, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay
-            )
-        else:
-            opt = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
+        opt = make_optimizer(params, hp)  # the paper: SGD, momentum 0.9, weight decay 5e-4, lr 1e-3
         if hp.scheduler == "none":
             return opt
         total = max(1, int(self.trainer.estimated_stepping_batches))

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from lightning.pytorch import LightningModule
 
-from lit_modules.callbacks import check_labels
+from lit_modules.callbacks import check_data_classes, check_labels, make_optimizer
 from lit_modules.guard import NonFinitePolicy, finite_loss
 from lit_modules.metrics import ShardedMeanAveragePrecision, VOC07MeanAveragePrecision
 from lit_modules.nets.detectors import ARCHS, build_faster_rcnn
@@ -273,14 +273,7 @@ class FasterRCNNModule(DetectionScoring, LightningModule):
         self._step_start, self._train_seconds, self._train_steps = 0.0, 0.0, 0
 
     def setup(self, stage: str) -> None:
-        dm = self.trainer.datamodule if self._trainer is not None else None
-        data_classes = getattr(dm, "num_classes", None)
-        if isinstance(data_classes, int) and data_classes != self.hparams.num_classes:
-            raise ValueError(
-                f"the data has {data_classes - 1} classes + background (largest label "
-                f"{data_classes - 1}) but model.num_classes is {self.hparams.num_classes}: "
-                f"set --model.init_args.num_classes {data_classes}"
-            )
+        check_data_classes(self)
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         # on CPU, every batch: a data set without num_classes escapes `setup`'s check
@@ -354,12 +347,7 @@ class FasterRCNNModule(DetectionScoring, LightningModule):
     def configure_optimizers(self) -> Any:
         hp = self.hparams
         params = [p for p in self.net.parameters() if p.requires_grad]
-        if hp.optimizer == "sgd":
-            opt = torch.optim.SGD(
-                params, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay
-            )
-        else:
-            opt = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
+        opt = make_optimizer(params, hp)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         per_epoch = max(
             1, math.ceil(self.trainer.num_training_batches / self.trainer.accumulate_grad_batches)

@@ -26,7 +26,7 @@ from torch import nn
 from torchmetrics import Metric
 
 from datamodules.digits import DIGITS_MEAN, DIGITS_STD, IMAGENET_MEAN, IMAGENET_STD
-from lit_modules.callbacks import check_labels
+from lit_modules.callbacks import check_data_classes, check_labels, make_optimizer
 from lit_modules.guard import NonFinitePolicy, finite_loss
 from lit_modules.nets.localization import (
     BOX_HEADS,
@@ -208,14 +208,8 @@ class BoxRegressor(LightningModule):
         return self
 
     def setup(self, stage: str) -> None:
+        check_data_classes(self)
         dm = self.trainer.datamodule if self._trainer is not None else None
-        data_classes = getattr(dm, "num_classes", None)
-        if isinstance(data_classes, int) and data_classes != self.hparams.num_classes:
-            raise ValueError(
-                f"the data has {data_classes} classes with background (largest label "
-                f"{data_classes - 1}) but model.num_classes is {self.hparams.num_classes}: "
-                f"set --model.init_args.num_classes {data_classes}"
-            )
         size = getattr(dm, "hparams", {}).get("canvas_size")
         if size is not None and size != self.hparams.input_size:
             raise ValueError(
@@ -335,12 +329,7 @@ class BoxRegressor(LightningModule):
     def configure_optimizers(self) -> Any:
         hp = self.hparams
         params = [p for p in self.parameters() if p.requires_grad]
-        if hp.optimizer == "sgd":
-            opt = torch.optim.SGD(
-                params, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay
-            )
-        else:
-            opt = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
+        opt = make_optimizer(params, hp)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = min(hp.warmup_steps, total)
 

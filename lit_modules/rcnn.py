@@ -30,7 +30,7 @@ from torch import nn
 from torchvision.ops import box_iou
 from torchvision.transforms.v2.functional import normalize
 
-from lit_modules.callbacks import check_labels
+from lit_modules.callbacks import check_data_classes, check_labels, make_optimizer
 from lit_modules.detection import OPTIMIZERS, DetectionScoring, _check_choice
 from lit_modules.guard import NonFinitePolicy, finite_loss
 from lit_modules.nets.rcnn import (
@@ -75,13 +75,7 @@ class _ProposalDetector(DetectionScoring, LightningModule):
     # ------------------------------------------------------------------ data checks
 
     def setup(self, stage: str) -> None:
-        dm = self.trainer.datamodule if self._trainer is not None else None
-        data_classes = getattr(dm, "num_classes", None)
-        if isinstance(data_classes, int) and data_classes != self.hparams.num_classes:
-            raise ValueError(
-                f"the data has {data_classes - 1} classes + background but model.num_classes is "
-                f"{self.hparams.num_classes}: set --model.init_args.num_classes {data_classes}"
-            )
+        check_data_classes(self)
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         if not self.trainer.predicting:
@@ -248,12 +242,7 @@ class _ProposalDetector(DetectionScoring, LightningModule):
     def configure_optimizers(self) -> Any:
         hp = self.hparams
         groups = self._param_groups()
-        if hp.optimizer == "sgd":
-            opt = torch.optim.SGD(
-                groups, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay
-            )
-        else:
-            opt = torch.optim.AdamW(groups, lr=hp.lr, weight_decay=hp.weight_decay)
+        opt = make_optimizer(groups, hp)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, self._lr_factors(self._total_steps()))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from lit_modules.callbacks import check_labels
+from lit_modules.callbacks import check_labels, make_optimizer
 from lit_modules.guard import NonFinitePolicy, finite_loss
 from lit_modules.linear_probe import (
     FEATURES,
@@ -368,12 +368,7 @@ class TransferClassifier(LightningModule):
     def configure_optimizers(self) -> Any:
         hp = self.hparams
         groups = self._param_groups()
-        if hp.optimizer == "sgd":
-            opt = torch.optim.SGD(
-                groups, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay
-            )
-        else:
-            opt = torch.optim.AdamW(groups, lr=hp.lr, weight_decay=hp.weight_decay)
+        opt = make_optimizer(groups, hp)
         if hp.scheduler == "none" or self.grid_fit:  # grid_fit: manual optimization, no steps
             return opt
         total = max(1, int(self.trainer.estimated_stepping_batches))
