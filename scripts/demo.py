@@ -63,8 +63,12 @@ def free_cores(window: float = 0.5) -> int:
 
 def _worker_init(threads: int) -> None:
     import torch
+    from threadpoolctl import threadpool_limits
 
     torch.set_num_threads(threads)
+    # numpy / scipy / scikit-learn's BLAS too (the linear probes' C path): it would start a
+    # thread per core in every process and oversubscribe them (a probe took 5.7 s instead of 3)
+    threadpool_limits(threads)
     quiet_lightning()  # a spawned process starts with no filters
 
 
