@@ -38,7 +38,7 @@ from lit_modules.nets.proposals import (
     warm_up,
 )
 
-METHODS = ("selective_search", "sliding", "none")
+METHODS = ("selective_search", "sliding", "deepmask", "none")
 MODES = SS_MODES  # the name an earlier draft of this module exported
 
 
@@ -59,7 +59,28 @@ class Proposer:
     max_proposals: int = 2000
     min_side: int | None = 144
     cache_dir: str | None = None
+    deepmask_checkpoint: str | None = None
     _cache: ProposalCache | None = field(default=None, init=False, repr=False, compare=False)
+    _deepmask: Any = field(default=None, init=False, repr=False, compare=False)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_deepmask": None}  # a worker loads its own copy of the net
+
+    def deepmask(self) -> Any:
+        """The DeepMaskModule of `deepmask_checkpoint`, loaded once per process, in eval mode."""
+        if self._deepmask is None:
+            from lit_modules.deepmask import DeepMaskModule
+
+            path = self.deepmask_checkpoint
+            if path is None or not Path(path).is_file():
+                raise FileNotFoundError(
+                    f"proposals=deepmask needs deepmask_checkpoint, a DeepMaskModule checkpoint "
+                    f"(train configs/deepmask/digits_deepmask.yaml); not found: {path}"
+                )
+            # weights=None: the checkpoint holds the whole net; the trunk's file is not needed
+            module = DeepMaskModule.load_from_checkpoint(path, map_location="cpu", weights=None)
+            self._deepmask = module.eval()
+        return self._deepmask
 
     def settings(self) -> dict[str, Any]:
         """Everything that changes the boxes: the cache key's half that is not the pixels."""
@@ -78,10 +99,18 @@ class Proposer:
                                     min_side=self.min_side)  # fmt: skip
         if self.method == "sliding":
             return sliding_windows(pixels.shape[0], pixels.shape[1])[: self.max_proposals]
+        if self.method == "deepmask":  # the boxes of its best masks (issue 13), best first
+            from lit_modules.deepmask import deepmask_proposals
+
+            model = self.deepmask()
+            image = torch.from_numpy(pixels).permute(2, 0, 1).float() / 255  # (3, H, W)
+            image = image[: model.hparams.in_channels]  # gray scenes: R = G = B
+            boxes, _ = deepmask_proposals(model, image, top_k=self.max_proposals)
+            return boxes
         return torch.zeros(0, 4)  # "none": R-CNN then trains on the gt boxes alone
 
     def __call__(self, pixels: np.ndarray) -> CachedProposals:
-        if self.cache_dir is None or self.method != "selective_search":  # windows: size only
+        if self.cache_dir is None or self.method != "selective_search":  # cheap or net-made
             return timed_proposals(pixels, self.compute)
         if self._cache is None:  # made in the worker that uses it (settings() imports cv2)
             self._cache = ProposalCache(Path(self.cache_dir), self.settings())
@@ -133,7 +162,9 @@ class ProposalDetectionDataModule(DetectionDataModule):
 
     Args (the others are DetectionDataModule's):
         proposals: `selective_search` (OpenCV contrib, `pip install opencv-contrib-python-headless`),
-            `sliding` windows (the exhaustive baseline) or `none` (empty: gt boxes only).
+            `sliding` windows (the exhaustive baseline), `deepmask` (the boxes of a trained
+            DeepMask's top masks, dense multi-scale inference per image) or `none` (gt boxes only).
+        deepmask_checkpoint: proposals=deepmask: the DeepMaskModule checkpoint (.ckpt).
         ss_mode: selective search's `fast` (R-CNN's setting) or `quality`.
         max_proposals: the first N in the proposer's ranking (2,000 in R-CNN / Fast R-CNN).
         ss_min_side: images whose shorter side is below it are upscaled for selective search
@@ -172,6 +203,7 @@ class ProposalDetectionDataModule(DetectionDataModule):
         max_proposals: int = 2000,
         ss_min_side: int | None = 144,
         cache_dir: str | None = "runs/proposals_cache",
+        deepmask_checkpoint: str | None = None,
     ) -> None:
         if proposals not in METHODS:
             raise ValueError(f"unknown proposals {proposals!r}; valid: {', '.join(METHODS)}")
@@ -190,8 +222,12 @@ class ProposalDetectionDataModule(DetectionDataModule):
             seed=seed,
         )  # fmt: skip
         self.save_hyperparameters()  # the parent's call recorded its own arguments only
-        self.proposer = Proposer(proposals, ss_mode, max_proposals, ss_min_side, cache_dir)
+        self.proposer = Proposer(
+            proposals, ss_mode, max_proposals, ss_min_side, cache_dir, deepmask_checkpoint
+        )
         self.proposer.settings()  # a missing cv2.ximgproc fails here, with the pip hint
+        if proposals == "deepmask":
+            self.proposer.deepmask()  # a missing or wrong checkpoint fails here, not in a worker
 
     def _build(self, name: str, stage: str | None) -> Dataset:
         ds = super()._build(name, stage)

@@ -185,8 +185,8 @@ BUDGETS = {  # seconds of the demo each topic may take on the 2-core CPU (issue 
     "detection": 90,
     "segmentation": 90,
     "gan": 120,
-    "lineage": 120,
     "deepmask": 60,
+    "lineage": 120,
 }
 TOPICS = {  # name -> module with `demo(out) -> dict` and `report(result) -> list[str]`
     "transfer": "scripts.demo_transfer",
@@ -194,8 +194,8 @@ TOPICS = {  # name -> module with `demo(out) -> dict` and `report(result) -> lis
     "detection": "scripts.demo_detection",
     "segmentation": "scripts.demo_segmentation",
     "gan": "scripts.demo_gan",
-    "lineage": "scripts.demo_lineage",  # after detection and scale: it reuses their runs
     "deepmask": "scripts.demo_deepmask",
+    "lineage": "scripts.demo_lineage",  # last: it reuses the detection, scale and deepmask runs
 }
 
 

@@ -28,12 +28,14 @@ from lit_modules.nets.proposals import sliding_windows  # noqa: E402
 from scripts.demo import run_config  # noqa: E402
 from scripts.demo_detection import source_weights  # noqa: E402
 from scripts.proposal_recall import COUNTS, digit_scenes, plot_recall, recall_curves  # noqa: E402
+from scripts.train import main as cli_main  # noqa: E402
 
 ROWS = {  # trained here, in this order
     "R-CNN": "rcnn/digits_rcnn.yaml",
     "SPP-net": "rcnn/digits_sppnet.yaml",
     "Fast R-CNN": "rcnn/digits_fast_rcnn.yaml",
 }
+DEEPMASK_ROW = "Fast R-CNN, DeepMask proposals"  # the SS-trained net, tested on DeepMask's boxes
 PAPER_PROPOSALS = 2000  # per image, in R-CNN / Fast R-CNN
 SPEED_SCENES = 5  # timed at that count: R-CNN runs ~1 image/s there
 RECALL_SCENES = 50  # test scenes of the detection topic (same seed, size and digit range)
@@ -64,6 +66,34 @@ def _overfeat(out: Path) -> dict[str, float]:
     from scripts.demo_scale import demo as scale_demo
 
     return _earlier_run(out / "runs", "scale_overfeat", lambda: scale_demo(out))[0]
+
+
+def _deepmask_checkpoint(out: Path) -> Path:
+    """The deepmask topic's DeepMask (best checkpoint by val/ar_100), trained here if it did not run."""
+    from scripts.demo_deepmask import demo as deepmask_demo
+
+    run = _newest(out / "runs", "deepmask")
+    if run is None or not any((run / "checkpoints").glob("*.ckpt")):
+        deepmask_demo(out)
+        run = _newest(out / "runs", "deepmask")
+    return _best_checkpoint(run)
+
+
+def with_deepmask_proposals(fast_run: Path, deepmask: Path, root: Path) -> dict[str, float]:
+    """`train.py test` of the trained Fast R-CNN (best checkpoint) with the boxes of DeepMask's
+    masks as its proposals instead of selective search's (issue 13): the same test scenes and
+    metric; test/images_per_s counts DeepMask's dense inference."""
+    from scripts.demo import fit_args
+
+    overrides = [
+        "--data.proposals=deepmask",
+        f"--data.deepmask_checkpoint={deepmask}",
+        "--data.max_proposals=300",  # what the model reads at test (test_max_proposals)
+        f"--ckpt_path={_best_checkpoint(fast_run)}",
+    ]
+    config = ROWS["Fast R-CNN"]
+    cli = cli_main(["test", *fit_args(config, "lineage_fast_rcnn_deepmask", root, overrides)[1:]])
+    return json.loads((Path(cli.trainer.log_dir) / "metrics.json").read_text())
 
 
 def _best_checkpoint(run: Path) -> Path:
@@ -106,6 +136,18 @@ def demo(out: Path) -> dict[str, Any]:
             f"{metrics['test/images_per_s']:.1f} images/s with proposals, "
             f"{metrics.get('test/images_per_s_net', float('nan')):.1f} without"
         )
+    t0 = time.perf_counter()
+    fast_run = _newest(root, f"lineage_{Path(ROWS['Fast R-CNN']).stem}")
+    deepmask = with_deepmask_proposals(fast_run, _deepmask_checkpoint(out), root)
+    rows[DEEPMASK_ROW] = {
+        "config": f"{ROWS['Fast R-CNN']} (test only, --data.proposals=deepmask)",
+        "seconds": round(time.perf_counter() - t0, 1),
+        **deepmask,
+    }
+    print(
+        f"[lineage] {DEEPMASK_ROW}: test/map_50 {deepmask['test/map_50']:.3f}  "
+        f"{deepmask['test/images_per_s']:.1f} images/s with proposals"
+    )
     rows["Faster R-CNN"] = {"config": "detection/digits_faster_rcnn.yaml", **faster}
     rows["Faster R-CNN"].setdefault("test/images_per_s_net", faster["test/images_per_s"])
     rows["OverFeat"] = {"config": "localization/digits_overfeat.yaml", **_overfeat(out)}
@@ -154,7 +196,9 @@ def report(result: dict[str, Any]) -> list[str]:
         "net alone, as the papers time it. Selective search finds ~20 boxes on these 96 px scenes",
         "(~2,000 on a 500 px photograph), so R-CNN's per-proposal cost shows at the papers' count:",
         "the last speed column runs each trained net on 2,000 sliding windows per image. Faster",
-        "R-CNN and OverFeat are the detection and scale topics' runs.",
+        "R-CNN and OverFeat are the detection and scale topics' runs. The DeepMask row tests the",
+        "Fast R-CNN trained on selective search with the boxes of the deepmask topic's top 300",
+        "masks as its proposals instead (`--data.proposals=deepmask`); its speed counts DeepMask.",
         "",
         "| detector | test/map_50 | test/map | test/voc07_map_50 | images/s (with proposals) "
         "| images/s (net) | images/s (net, 2,000 proposals) | train + test s |",

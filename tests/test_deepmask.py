@@ -282,3 +282,32 @@ def test_threshold_is_checked() -> None:
     with pytest.raises(ValueError, match="mask_threshold"):
         tiny_module(mask_threshold=1.0)
     assert math.isclose(tiny_module().hparams.score_weight, 1 / 32)
+
+
+# ----------------------------------------------------------------------------- for a detector
+
+
+def test_deepmask_boxes_are_a_detectors_proposals(tmp_path) -> None:
+    """proposals=deepmask: each target carries the boxes of the checkpoint's best masks (what
+    deepmask_proposals gives on the same pixels) and their seconds; no checkpoint, clear error."""
+    from datamodules.proposals import ProposalDetectionDataModule
+
+    seed_everything(0)
+    model = tiny_module()
+    trainer = Trainer(max_steps=1, default_root_dir=tmp_path, logger=False, enable_progress_bar=False,
+                      enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0)  # fmt: skip
+    trainer.fit(model, datamodule=tiny_data())
+    ckpt = tmp_path / "deepmask.ckpt"
+    trainer.save_checkpoint(ckpt)
+    dm = ProposalDetectionDataModule(proposals="deepmask", deepmask_checkpoint=str(ckpt),
+                                     max_proposals=30, eval_length=2, cache_dir=None)  # fmt: skip
+    dm.setup("test")
+    image, target = dm.test_dataloader().dataset[0]
+    expected, _ = deepmask_proposals(model.eval(), image[:1], top_k=30)
+    assert target["proposals"].shape[1] == 4 and 0 < len(target["proposals"]) <= 30
+    torch.testing.assert_close(target["proposals"], expected)
+    assert target["proposal_s"] > 0
+    with pytest.raises(FileNotFoundError, match="deepmask_checkpoint"):
+        ProposalDetectionDataModule(
+            proposals="deepmask", deepmask_checkpoint=str(tmp_path / "no.ckpt")
+        )
