@@ -198,7 +198,7 @@ class ProposalDetectionDataModule(DetectionDataModule):
         eval_batch_size: int | None = None,
         num_workers: int = 0,
         seed: int = 0,
-        proposals: Literal["selective_search", "sliding", "none"] = "selective_search",
+        proposals: Literal["selective_search", "sliding", "deepmask", "none"] = "selective_search",
         ss_mode: Literal["fast", "quality"] = "fast",
         max_proposals: int = 2000,
         ss_min_side: int | None = 144,

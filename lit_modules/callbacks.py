@@ -59,6 +59,12 @@ def check_data_classes(module: Any) -> None:
         )
 
 
+def check_choice(name: str, value: object, valid: tuple) -> None:
+    """A config value that must be one of `valid`: a clear error naming the option and the choices."""
+    if value not in valid:
+        raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(map(str, valid))}")
+
+
 def check_labels(
     labels: torch.Tensor, num_classes: int, *, ignore_index: int | None = None
 ) -> None:

@@ -43,7 +43,7 @@ from torchvision.ops import box_iou, nms
 from torchvision.utils import draw_segmentation_masks, make_grid
 
 from datamodules.deepmask import segm_rows
-from lit_modules.callbacks import make_optimizer
+from lit_modules.callbacks import check_choice, make_optimizer
 from lit_modules.guard import NonFinitePolicy, finite_loss
 from lit_modules.metrics import ShardedListStates
 from lit_modules.nets.deepmask import (
@@ -240,11 +240,6 @@ def proposal_picture(
 Batch = tuple[list[torch.Tensor], list[dict[str, Any]]]
 
 
-def _check_choice(name: str, value: str, valid: tuple[str, ...]) -> None:
-    if value not in valid:
-        raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(valid)}")
-
-
 class DeepMaskModule(LightningModule):
     monitor = ("val/ar_100", "max")  # what the best checkpoint tracks
 
@@ -294,8 +289,8 @@ class DeepMaskModule(LightningModule):
             compare_selective_search: test also scores selective search's boxes (test/ss_ar_*).
         """
         super().__init__()
-        _check_choice("optimizer", optimizer, ("sgd", "adamw"))
-        _check_choice("scheduler", scheduler, ("onecycle", "cosine", "none"))
+        check_choice("optimizer", optimizer, ("sgd", "adamw"))
+        check_choice("scheduler", scheduler, ("onecycle", "cosine", "none"))
         if not 0.0 < mask_threshold < 1.0:
             raise ValueError(f"mask_threshold must be in (0, 1), got {mask_threshold}")
         if not scales or min(scales) <= 0:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from lightning.pytorch import LightningModule
 
-from lit_modules.callbacks import check_data_classes, check_labels, make_optimizer
+from lit_modules.callbacks import check_choice, check_data_classes, check_labels, make_optimizer
 from lit_modules.guard import NonFinitePolicy, finite_loss
 from lit_modules.metrics import ShardedMeanAveragePrecision, VOC07MeanAveragePrecision
 from lit_modules.nets.detectors import ARCHS, build_faster_rcnn
@@ -32,11 +32,6 @@ OPTIMIZERS = ("sgd", "adamw")
 SCHEDULERS = ("multistep", "cosine", "none")
 MAP_KEYS = ("map", "map_50", "map_75", "map_small", "map_medium", "map_large", "mar_100")
 Batch = tuple[list[torch.Tensor], list[dict[str, Any]]]
-
-
-def _check_choice(name: str, value: str, valid: tuple[str, ...]) -> None:
-    if value not in valid:
-        raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(valid)}")
 
 
 # COCOeval's own thresholds, in float64. torchmetrics' defaults come from torch.linspace in
@@ -246,9 +241,9 @@ class FasterRCNNModule(DetectionScoring, LightningModule):
             num_sample_images: validation images drawn with their detections each epoch (0: none).
         """
         super().__init__()
-        _check_choice("arch", arch, ARCHS)
-        _check_choice("optimizer", optimizer, OPTIMIZERS)
-        _check_choice("scheduler", scheduler, SCHEDULERS)
+        check_choice("arch", arch, ARCHS)
+        check_choice("optimizer", optimizer, OPTIMIZERS)
+        check_choice("scheduler", scheduler, SCHEDULERS)
         self.save_hyperparameters()
         self.net = build_faster_rcnn(
             arch=arch,

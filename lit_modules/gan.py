@@ -38,6 +38,7 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from torchvision.utils import make_grid
 
 from datamodules.digits import DIGITS_MEAN, DIGITS_STD
+from lit_modules.callbacks import check_choice
 from lit_modules.guard import NonFinitePolicy, finite_loss
 from lit_modules.nets.gan_nets import DigitsJudge, build_discriminator, build_generator
 from lit_modules.visual import log_picture, run_dir
@@ -63,11 +64,6 @@ _UNSAVED = (
 # 2**40 samples): the test FID is not the val FID of the checkpoint it chose. Predict keeps its
 # stream (offset 500,009: distinct from val's first 500,009 samples).
 STAGE_STREAM = {"val": 0, "test": 1 << 40, "predict": 500_009}
-
-
-def _check_choice(name: str, value: str, valid: tuple[str, ...]) -> None:
-    if value not in valid:
-        raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(valid)}")
 
 
 def eval_seeds(sample_seed: int, stage: str, indices: list[int]) -> list[int]:
@@ -205,9 +201,9 @@ class DCGANModule(LightningModule):
                 the stage's reference. The literature: 10,000 (CIFAR-10) to 50,000.
         """
         super().__init__()
-        _check_choice("arch", arch, ARCHS)
-        _check_choice("g_loss", g_loss, G_LOSSES)
-        _check_choice("fid_features", fid_features, FID_FEATURES)
+        check_choice("arch", arch, ARCHS)
+        check_choice("g_loss", g_loss, G_LOSSES)
+        check_choice("fid_features", fid_features, FID_FEATURES)
         if fid_features == "digits" and channels != 1:
             raise ValueError("fid_features digits scores 1-channel images: set channels: 1")
         if fid_samples is not None and fid_samples < 2:

@@ -26,7 +26,7 @@ from torch import nn
 from torchmetrics import Metric
 
 from datamodules.digits import DIGITS_MEAN, DIGITS_STD, IMAGENET_MEAN, IMAGENET_STD
-from lit_modules.callbacks import check_data_classes, check_labels, make_optimizer
+from lit_modules.callbacks import check_choice, check_data_classes, check_labels, make_optimizer
 from lit_modules.guard import NonFinitePolicy, finite_loss
 from lit_modules.nets.localization import (
     BOX_HEADS,
@@ -42,11 +42,6 @@ OPTIMIZERS = ("adamw", "sgd")
 SCHEDULERS = ("cosine", "none")
 NORMALIZE = ("digits", "imagenet")
 Batch = tuple[torch.Tensor, dict[str, torch.Tensor]]
-
-
-def check_choice(name: str, value: str, valid: tuple[str, ...]) -> None:
-    if value not in valid:
-        raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(valid)}")
 
 
 class Normalizer(nn.Module):

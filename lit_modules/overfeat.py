@@ -23,8 +23,9 @@ from typing import Any, Literal
 import torch
 from lightning.pytorch import LightningModule
 
+from lit_modules.callbacks import check_choice
 from lit_modules.detection import DetectionScoring
-from lit_modules.localization import Normalizer, check_choice
+from lit_modules.localization import Normalizer
 from lit_modules.nets.backbones import load_weights_file
 from lit_modules.nets.convolutionalize import convolutionalize
 from lit_modules.nets.localization import (

@@ -30,8 +30,8 @@ from torch import nn
 from torchvision.ops import box_iou
 from torchvision.transforms.v2.functional import normalize
 
-from lit_modules.callbacks import check_data_classes, check_labels, make_optimizer
-from lit_modules.detection import OPTIMIZERS, DetectionScoring, _check_choice
+from lit_modules.callbacks import check_choice, check_data_classes, check_labels, make_optimizer
+from lit_modules.detection import OPTIMIZERS, DetectionScoring
 from lit_modules.guard import NonFinitePolicy, finite_loss
 from lit_modules.nets.rcnn import (
     BOX_CODER,
@@ -319,9 +319,9 @@ class RCNNModule(_ProposalDetector):
                 step and class, this many highest-scoring margin violators count.
         """
         super().__init__()
-        _check_choice("classifier", classifier, CLASSIFIERS)
-        _check_choice("optimizer", optimizer, OPTIMIZERS)
-        _check_choice("scheduler", scheduler, SCHEDULERS)
+        check_choice("classifier", classifier, CLASSIFIERS)
+        check_choice("optimizer", optimizer, OPTIMIZERS)
+        check_choice("scheduler", scheduler, SCHEDULERS)
         if classifier == "svm" and svm_steps < 1:
             raise ValueError("classifier svm needs svm_steps >= 1 (the SVM phase's steps)")
         self.save_hyperparameters()
@@ -481,9 +481,9 @@ class FastRCNNModule(_ProposalDetector):
                 null: exact. Validation (checkpoint choice) always uses the exact layers.
         """
         super().__init__()
-        _check_choice("pooling", pooling, POOLINGS)
-        _check_choice("optimizer", optimizer, OPTIMIZERS)
-        _check_choice("scheduler", scheduler, SCHEDULERS)
+        check_choice("pooling", pooling, POOLINGS)
+        check_choice("optimizer", optimizer, OPTIMIZERS)
+        check_choice("scheduler", scheduler, SCHEDULERS)
         self.save_hyperparameters()
         # the RoI pool replaces the last max-pool (VGG16's pool5): conv5_3 at stride 16
         self.conv, fc = build_trunk(backbone=backbone, weights=weights, keep_last_pool=False)

@@ -20,7 +20,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassConfusionMatrix
 from torchvision.utils import draw_segmentation_masks
 
-from lit_modules.callbacks import check_labels
+from lit_modules.callbacks import check_choice, check_labels
 from lit_modules.guard import NonFinitePolicy, finite_loss
 from lit_modules.metrics import fcn_scores
 from lit_modules.nets.fcn import ARCHS, FCN, build_fcn
@@ -30,11 +30,6 @@ IGNORE = 255
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULERS = ("cosine", "poly", "onecycle", "none")
 TRAINABLE = ("all", "score")
-
-
-def _check_choice(name: str, value: str | None, valid: tuple[str | None, ...]) -> None:
-    if value not in valid:
-        raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(map(str, valid))}")
 
 
 def overlay(
@@ -109,11 +104,11 @@ class FCNModule(LightningModule):
             num_sample_images: validation scenes drawn as overlays each epoch (0: none).
         """
         super().__init__()
-        _check_choice("arch", arch, ARCHS)
-        _check_choice("optimizer", optimizer, OPTIMIZERS)
-        _check_choice("scheduler", scheduler, SCHEDULERS)
-        _check_choice("trainable", trainable, TRAINABLE)
-        _check_choice("loss_reduction", loss_reduction, ("mean", "sum"))
+        check_choice("arch", arch, ARCHS)
+        check_choice("optimizer", optimizer, OPTIMIZERS)
+        check_choice("scheduler", scheduler, SCHEDULERS)
+        check_choice("trainable", trainable, TRAINABLE)
+        check_choice("loss_reduction", loss_reduction, ("mean", "sum"))
         if not 0.0 < warmup_pct < 1.0:
             raise ValueError(f"warmup_pct must be in (0, 1), got {warmup_pct}")
         self.save_hyperparameters()

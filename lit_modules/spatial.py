@@ -33,8 +33,8 @@ from torchmetrics import Metric
 from datamodules.digits import DIGITS_MEAN, DIGITS_STD, IMAGENET_MEAN, IMAGENET_STD
 from lit_modules.nets.backbones import (
     DigitsCNN,
-    _is_file_path,
     build_torchvision,
+    is_file_path,
     load_weights_file,
     split_classifier,
 )
@@ -63,7 +63,7 @@ def build_classifier(*, backbone: str = "digits_cnn", weights: str | None = None
     """
     if weights is None:
         return _plain_classifier(backbone, 10 if backbone == "digits_cnn" else 1000)
-    if not _is_file_path(weights):
+    if not is_file_path(weights):
         if backbone == "digits_cnn":
             raise ValueError("digits_cnn has no named weights: give a weights file path")
         return build_torchvision(backbone, weights=weights)

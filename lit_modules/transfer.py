@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from lit_modules.callbacks import check_labels, make_optimizer
+from lit_modules.callbacks import check_choice, check_labels, make_optimizer
 from lit_modules.guard import NonFinitePolicy, finite_loss
 from lit_modules.linear_probe import (
     FEATURES,
@@ -47,11 +47,6 @@ HEADS = ("softmax", "svm")
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULERS = ("cosine", "none")
 REG_GRID = (0.001, 0.01, 0.1, 1.0, 10.0)  # C (scikit-learn's meaning), chosen on val
-
-
-def _check_choice(name: str, value: str, valid: tuple[str, ...]) -> None:
-    if value not in valid:
-        raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(valid)}")
 
 
 class TransferClassifier(LightningModule):
@@ -103,10 +98,10 @@ class TransferClassifier(LightningModule):
             num_sample_images: validation images drawn with their predictions each epoch (0: none).
         """
         super().__init__()
-        _check_choice("mode", mode, MODES)
-        _check_choice("head", head, HEADS)
-        _check_choice("optimizer", optimizer, OPTIMIZERS)
-        _check_choice("scheduler", scheduler, SCHEDULERS)
+        check_choice("mode", mode, MODES)
+        check_choice("head", head, HEADS)
+        check_choice("optimizer", optimizer, OPTIMIZERS)
+        check_choice("scheduler", scheduler, SCHEDULERS)
         if mode == "scratch" and weights is not None:
             raise ValueError("mode 'scratch' trains from random initialisation: set weights: null")
         if reg_grid is not None and (not reg_grid or min(reg_grid) <= 0):

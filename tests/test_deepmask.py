@@ -311,3 +311,13 @@ def test_deepmask_boxes_are_a_detectors_proposals(tmp_path) -> None:
         ProposalDetectionDataModule(
             proposals="deepmask", deepmask_checkpoint=str(tmp_path / "no.ckpt")
         )
+
+
+def test_the_cli_schema_lists_every_proposal_method() -> None:
+    """The `__init__` signature is the CLI's schema: each method the code knows is a choice."""
+    import typing
+
+    from datamodules.proposals import METHODS, ProposalDetectionDataModule
+
+    hints = typing.get_type_hints(ProposalDetectionDataModule.__init__)
+    assert set(typing.get_args(hints["proposals"])) == set(METHODS)

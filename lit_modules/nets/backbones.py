@@ -179,7 +179,7 @@ def state_instead_of_download(member: Any, state: dict[str, torch.Tensor]) -> It
         yield member
 
 
-def _is_file_path(weights: str) -> bool:
+def is_file_path(weights: str) -> bool:
     return "/" in weights or weights.endswith((".pt", ".pth", ".ckpt", ".bin"))
 
 
@@ -187,7 +187,7 @@ def build_torchvision(name: str, *, weights: str | None = None) -> nn.Module:
     """A torchvision classifier by name; weights by enum name (downloaded/cached) or file path."""
     if name not in TORCHVISION_BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; valid: {', '.join(BACKBONES)}")
-    if weights is None or _is_file_path(weights):
+    if weights is None or is_file_path(weights):
         model = torchvision.models.get_model(name, weights=None)
         if weights is not None:
             state = load_weights_file(weights)

@@ -33,9 +33,9 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from lit_modules.nets.backbones import (
     BACKBONES,
-    _is_file_path,
     build_backbone,
     build_torchvision,
+    is_file_path,
     load_weights_file,
     state_instead_of_download,
     torchvision_weights,
@@ -100,11 +100,11 @@ def _torchvision_detector(
     """
     builder, body = TORCHVISION_DETECTORS[arch], TORCHVISION_BODIES[arch]
     common = {"trainable_backbone_layers": trainable_backbone_layers, **kwargs}
-    if weights is not None and _is_file_path(weights):
+    if weights is not None and is_file_path(weights):
         net = _detector_from_file(arch, weights, common)
     elif weights is not None:
         net = builder(weights=torchvision_weights(builder, weights), **common)
-    elif weights_backbone is not None and _is_file_path(weights_backbone):
+    elif weights_backbone is not None and is_file_path(weights_backbone):
         member = torchvision_weights(body, "DEFAULT")
         state = _classifier_state(body, weights_backbone)
         try:
@@ -171,7 +171,7 @@ def _detector_from_file(arch: str, path: str, common: dict[str, Any]) -> FasterR
     return net
 
 
-def _frozen_bn(module: nn.Module) -> nn.Module:
+def frozen_bn(module: nn.Module) -> nn.Module:
     """Every BatchNorm2d -> FrozenBatchNorm2d with its statistics (detection's batches are tiny)."""
     for name, child in module.named_children():
         if isinstance(child, nn.BatchNorm2d):
@@ -180,11 +180,11 @@ def _frozen_bn(module: nn.Module) -> nn.Module:
                 getattr(frozen, key).copy_(getattr(child, key).detach())
             setattr(module, name, frozen)
         else:
-            _frozen_bn(child)
+            frozen_bn(child)
     return module
 
 
-def _three_channels(stages: nn.Sequential) -> None:
+def three_channels(stages: nn.Sequential) -> None:
     """A 1-channel first conv takes RGB: weights / 3 per channel, exact on gray (R=G=B) images."""
     conv = next(m for m in stages.modules() if isinstance(m, nn.Conv2d))
     if conv.in_channels == 1:
@@ -192,7 +192,7 @@ def _three_channels(stages: nn.Sequential) -> None:
         conv.in_channels = 3
 
 
-def _probe(stages: nn.Sequential, side: int = 128) -> list[tuple[int, int]]:
+def stage_shapes(stages: nn.Sequential, side: int = 128) -> list[tuple[int, int]]:
     """(channels, stride) of every conv stage's output, on a zero image; stops at the FC head."""
     out, x = [], torch.zeros(1, 3, side, side)
     was = stages.training
@@ -234,7 +234,7 @@ def _fpn_detector(
     **kwargs: Any,
 ) -> FasterRCNN:
     """FasterRCNN on `body` (a Sequential of stages), FPN over stages `returned` + a max-pool level."""
-    shapes = _probe(body)
+    shapes = stage_shapes(body)
     if not returned or any(not 0 <= i < len(shapes) for i in returned):
         raise ValueError(f"returned stages must be in 0..{len(shapes) - 1}, got {returned}")
     backbone = BackboneWithFPN(
@@ -277,13 +277,13 @@ def _default_returned(shapes: list[tuple[int, int]], min_stride: int) -> list[in
 def _transfer_body(backbone: str, weights: str | None) -> nn.Sequential:
     """The conv stages (4-D outputs) of `backbone`, loaded from a cnnlab checkpoint if given."""
     stages, _ = build_backbone(
-        backbone, weights=None if weights is None or _is_file_path(weights) else weights
+        backbone, weights=None if weights is None or is_file_path(weights) else weights
     )
-    if weights is not None and _is_file_path(weights):
+    if weights is not None and is_file_path(weights):
         load_stages(stages, load_weights_file(weights), path=weights, backbone=backbone)
     body = nn.Sequential(*stages)
-    _three_channels(body)
-    conv = len(_probe(body))
+    three_channels(body)
+    conv = len(stage_shapes(body))
     return nn.Sequential(*list(body)[:conv])
 
 
@@ -350,8 +350,8 @@ def build_faster_rcnn(
         digits = backbone == "digits_cnn"
         mean = image_mean or (MNIST_MEAN if digits else [0.485, 0.456, 0.406])
         std = image_std or (MNIST_STD if digits else [0.229, 0.224, 0.225])
-        default = _default_returned(_probe(body), min_stride=4)
-    _frozen_bn(body)
+        default = _default_returned(stage_shapes(body), min_stride=4)
+    frozen_bn(body)
     _freeze_stages(body, trainable_backbone_layers)
     net = _fpn_detector(
         body,

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from lit_modules.nets.backbones import _is_file_path, build_torchvision, load_weights_file
+from lit_modules.nets.backbones import build_torchvision, is_file_path, load_weights_file
 from lit_modules.nets.convolutionalize import convolutionalize
 
 FCN_ARCHS = ("digits", "vgg16", "resnet18", "resnet34", "resnet50")
@@ -225,7 +225,7 @@ def _torchvision_segmentation(name: str, num_classes: int, weights: str | None) 
     """`weights`: null, a file, a segmentation weights name (21 classes) or an ImageNet backbone one."""
     builder = torchvision.models.get_model_builder(name)
     kwargs: dict = {"num_classes": num_classes, "aux_loss": False}
-    if weights is None or _is_file_path(weights):
+    if weights is None or is_file_path(weights):
         model = builder(weights=None, weights_backbone=None, **kwargs)
         if weights is not None:
             model.load_state_dict(load_weights_file(weights))

@@ -19,16 +19,16 @@ from torchvision.ops import RoIAlign, RoIPool, batched_nms, box_iou, clip_boxes_
 from torchvision.ops import roi_pool as tv_roi_pool
 
 from lit_modules.nets.backbones import (
-    _is_file_path,
     build_backbone,
+    is_file_path,
     load_weights_file,
 )
 from lit_modules.nets.detectors import (
     MNIST_MEAN,
     MNIST_STD,
-    _frozen_bn,
-    _probe,
-    _three_channels,
+    frozen_bn,
+    stage_shapes,
+    three_channels,
 )
 from lit_modules.nets.transfer_net import load_stages
 
@@ -52,19 +52,19 @@ def build_trunk(
     frozen (detection batches are a few images). `keep_last_pool=False` drops a trailing max-pool
     (Fast R-CNN on VGG16: conv5_3 at stride 16 feeds the RoI pool, which replaces pool5).
     """
-    cnnlab = weights is not None and _is_file_path(weights) and _has_stages(weights)
+    cnnlab = weights is not None and is_file_path(weights) and _has_stages(weights)
     stages, _ = build_backbone(backbone, weights=None if cnnlab else weights)
     if cnnlab:
         load_stages(stages, load_weights_file(weights), path=weights, backbone=backbone)
     body = nn.Sequential(*stages)
-    _three_channels(body)
-    n_conv = len(_probe(body))  # stages with a 4-D output; the rest is the FC part
+    three_channels(body)
+    n_conv = len(stage_shapes(body))  # stages with a 4-D output; the rest is the FC part
     conv, fc = nn.Sequential(*list(body)[:n_conv]), nn.Sequential(*list(body)[n_conv:])
     if not keep_last_pool:
         last = conv[-1]
         if isinstance(last, nn.Sequential) and isinstance(last[-1], nn.MaxPool2d):
             conv[-1] = nn.Sequential(*list(last)[:-1])
-    _frozen_bn(conv)
+    frozen_bn(conv)
     return conv, fc
 
 
@@ -73,11 +73,11 @@ def _has_stages(path: str) -> bool:
 
 
 def trunk_stride(conv: nn.Sequential) -> int:
-    return _probe(conv)[-1][1]  # (channels, stride) of the last conv stage
+    return stage_shapes(conv)[-1][1]  # (channels, stride) of the last conv stage
 
 
 def trunk_channels(conv: nn.Sequential) -> int:
-    return _probe(conv)[-1][0]
+    return stage_shapes(conv)[-1][0]
 
 
 def image_stats(backbone: str) -> tuple[list[float], list[float]]:

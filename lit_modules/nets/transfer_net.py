@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lit_modules.nets.backbones import _is_file_path, build_backbone, load_weights_file
+from lit_modules.nets.backbones import build_backbone, is_file_path, load_weights_file
 
 
 class TransferNet(nn.Module):
@@ -104,7 +104,7 @@ class TransferNet(nn.Module):
 
 def _cnnlab_checkpoint(weights: str | None) -> dict[str, torch.Tensor] | None:
     """The state dict of a TransferClassifier checkpoint file, or None if `weights` is not one."""
-    if weights is None or not _is_file_path(weights):
+    if weights is None or not is_file_path(weights):
         return None
     state = load_weights_file(weights)
     return state if any(k.startswith("net.stages.") for k in state) else None
