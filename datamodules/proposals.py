@@ -226,8 +226,13 @@ class ProposalDetectionDataModule(DetectionDataModule):
             proposals, ss_mode, max_proposals, ss_min_side, cache_dir, deepmask_checkpoint
         )
         self.proposer.settings()  # a missing cv2.ximgproc fails here, with the pip hint
-        if proposals == "deepmask":
-            self.proposer.deepmask()  # a missing or wrong checkpoint fails here, not in a worker
+        if proposals == "deepmask" and not Path(str(deepmask_checkpoint)).is_file():
+            # checked here, loaded at first use: a LightningModule built inside this __init__
+            # would record the CLI's hyperparameters of this DataModule as its own
+            raise FileNotFoundError(
+                "proposals=deepmask needs deepmask_checkpoint, a DeepMaskModule checkpoint "
+                f"(train configs/deepmask/digits_deepmask.yaml); not found: {deepmask_checkpoint}"
+            )
 
     def _build(self, name: str, stage: str | None) -> Dataset:
         ds = super()._build(name, stage)

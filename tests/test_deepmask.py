@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -321,3 +322,22 @@ def test_the_cli_schema_lists_every_proposal_method() -> None:
 
     hints = typing.get_type_hints(ProposalDetectionDataModule.__init__)
     assert set(typing.get_args(hints["proposals"])) == set(METHODS)
+
+
+def test_fast_rcnn_tests_on_deepmask_proposals_through_the_cli(tmp_path) -> None:
+    """The demo's lineage row: `train.py test` of Fast R-CNN with --data.proposals=deepmask. The
+    net is loaded outside the CLI's instantiation, so it keeps its own hyperparameters."""
+    from scripts.train import main
+
+    seed_everything(0)
+    trainer = Trainer(max_steps=1, default_root_dir=tmp_path, logger=False, enable_progress_bar=False,
+                      enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0)  # fmt: skip
+    trainer.fit(tiny_module(), datamodule=tiny_data())
+    trainer.save_checkpoint(tmp_path / "deepmask.ckpt")
+    cli = main(["test", "--config=configs/rcnn/digits_fast_rcnn.yaml", "--model.weights=null",
+                "--data.proposals=deepmask", f"--data.deepmask_checkpoint={tmp_path / 'deepmask.ckpt'}",
+                "--data.eval_length=4", "--data.eval_batch_size=2", "--data.cache_dir=null",
+                f"--trainer.default_root_dir={tmp_path}", "--wandb=disabled",
+                "--trainer.enable_progress_bar=false"])  # fmt: skip
+    metrics = json.loads((Path(cli.trainer.log_dir) / "metrics.json").read_text())
+    assert 0.0 <= metrics["test/map_50"] <= 1.0 and metrics["test/images_per_s"] > 0
