@@ -252,6 +252,43 @@ def measure_dense(repeats: int, seed: int) -> dict[str, Any]:
     return out
 
 
+def measure_roi_align(repeats: int, seed: int) -> dict[str, Any]:
+    """RoIAlign forward + backward, torchvision's CPU kernel vs lit_modules/nets/roi_ops.py (one
+    embedding_bag), alternated, on a digits Faster R-CNN step's shapes: 512 RoIs (8 scenes x 64)
+    on an (8, 64, 24, 24) map at stride 4, 7x7 bins, 1 and 2 samples per bin."""
+    import torchvision
+
+    from lit_modules.nets.roi_ops import roi_align
+
+    g = torch.Generator().manual_seed(seed)
+    features = torch.randn(8, 64, 24, 24, generator=g, requires_grad=True)
+    xy = torch.rand(512, 2, generator=g) * 80
+    wh = torch.rand(512, 2, generator=g) * 40 + 4
+    rois = torch.cat([torch.randint(0, 8, (512, 1), generator=g).float(), xy, xy + wh], 1)
+    impls = {"torchvision": torchvision.ops.roi_align, "embedding_bag": roi_align}
+
+    def step(fn: Any, s: int) -> float:
+        t0 = time.perf_counter()
+        fn(features, rois, 7, 0.25, s).sum().backward()
+        return time.perf_counter() - t0
+
+    out: dict[str, Any] = {}
+    for s in (1, 2):
+        times: dict[str, list[float]] = {k: [] for k in impls}
+        for fn in impls.values():  # warm-up
+            step(fn, s)
+        for _ in range(repeats):
+            for name, fn in impls.items():
+                times[name].append(min(step(fn, s) for _ in range(5)))
+        tv, bag = (
+            sorted(times["torchvision"])[repeats // 2],
+            sorted(times["embedding_bag"])[repeats // 2],
+        )
+        out[f"sampling_ratio_{s}"] = {"torchvision_s": tv, "embedding_bag_s": bag,
+                                      "speedup": tv / bag, "repeats": repeats}  # fmt: skip
+    return out
+
+
 def _table(title: str, header: list[str], rows: list[list[str]], *notes: str) -> list[str]:
     lines = [f"## {title}", "", "| " + " | ".join(header) + " |"]
     lines.append("|---|" + "---:|" * (len(header) - 1))
@@ -372,6 +409,19 @@ def markdown(result: dict[str, Any]) -> str:
                 if isinstance(r, dict)
             ],
         )  # fmt: skip
+    if "roi_align" in result:
+        lines += _table(
+            "RoIAlign forward + backward: torchvision's CPU kernel vs one embedding_bag (roi_ops)",
+            ["samples per bin", "torchvision s", "embedding_bag s", "speed-up"],
+            [
+                [k.rsplit("_", 1)[1], f"{r['torchvision_s']:.4f}", f"{r['embedding_bag_s']:.4f}",
+                 f"{r['speedup']:.1f}x"]
+                for k, r in result["roi_align"].items()
+                if isinstance(r, dict)
+            ],
+            "512 RoIs on an (8, 64, 24, 24) map (a digits Faster R-CNN step), 7x7 bins; median "
+            "over the repeats of the best of 5; the same numbers (tests/test_roi_ops.py).",
+        )  # fmt: skip
     lines.append(
         f"torch {env['torch']}, lightning {env['lightning']}, {env['threads']} threads, "
         f"{env['cpus']} CPUs, load average {env['load_before']:.2f} before / "
@@ -421,6 +471,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         if name == "detection":
             print("detection: mAP with pycocotools vs faster_coco_eval ...", flush=True)
             figures["map_backends"] = measure_map(args.map_images, args.repeats, args.seed)
+            print("detection: RoIAlign, torchvision vs embedding_bag ...", flush=True)
+            result["roi_align"] = noted(measure_roi_align, args.repeats, args.seed)
         result["modules"][name] = figures
     if "classification" in args.modules:
         limit, dm, epoch = 2 if quick else None, make_data(), {}

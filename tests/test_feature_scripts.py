@@ -149,6 +149,15 @@ def test_benchmark_module_figures_smoke(quick_run: tuple[dict, Path], module: st
     assert figures["flops"]["flops_per_step"] > 0 and figures["flops"]["ratio"] < 1.5
 
 
+def test_benchmark_roi_align_figure(quick_run: tuple[dict, Path]) -> None:
+    figure = quick_run[0]["roi_align"]
+    for s in (1, 2):
+        r = figure[f"sampling_ratio_{s}"]
+        assert r["torchvision_s"] > 0 and r["embedding_bag_s"] > 0
+        assert r["speedup"] == pytest.approx(r["torchvision_s"] / r["embedding_bag_s"])
+    assert "RoIAlign forward + backward" in (quick_run[1] / "BENCHMARK.md").read_text()
+
+
 def test_benchmark_map_backends_agree(quick_run: tuple[dict, Path]) -> None:
     m = quick_run[0]["modules"]["detection"]["map_backends"]
     assert m["pycocotools_s"] > 0 and m["faster_coco_eval_s"] > 0 and math.isfinite(m["ratio"])
