@@ -76,10 +76,9 @@ def check_labels(
     """
     if labels.numel() == 0:
         return
-    valid = labels if ignore_index is None else labels[labels != ignore_index]
-    if valid.numel() == 0:
-        return
-    top, low = int(valid.max()), int(valid.min())
+    if ignore_index is not None:  # ignored pixels count as 0: no copy of the valid ones
+        labels = labels.masked_fill(labels == ignore_index, 0)
+    low, top = (int(v) for v in torch.aminmax(labels))  # one pass
     if low < 0:
         raise ValueError(f"the data has label {low}: labels must be 0..{num_classes - 1}")
     if top >= num_classes:
