@@ -1,4 +1,5 @@
-"""DeepMask data: training windows cut from DigitCanvas scenes, whole scenes for evaluation.
+"""DeepMask data: training windows cut from scenes (DigitCanvas, or COCO photographs with their
+instance masks: `source: coco`), whole scenes for evaluation.
 
 Pinheiro et al. 2015 (§3.1, §3.3) train on windows labelled by where the object sits in them.
 Measured in window pixels, with P the window side and D the canonical object size (the object's
@@ -31,6 +32,8 @@ default: DigitCanvas draws 1..k).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -44,6 +47,7 @@ from torchvision.ops import roi_align
 
 from datamodules.common import SPLIT_STAGE, SplitLoaders, make_loader, stage_splits
 from datamodules.digits import SPLITS, DigitCanvas
+from lit_modules.nets.deepmask import mask_boxes
 
 Window = tuple[float, float, float]  # (cx, cy, side) in scene pixels
 NEGATIVE_KINDS = ("offcentre", "offscale", "background")
@@ -80,12 +84,67 @@ def window_labels(
     return pos.long() - neg.long() * (~pos).long()
 
 
+class CocoScenes(Dataset):
+    """COCO-format images with their instance masks, as DeepMask's scenes: item i is a dict of
+    image (C, H, W) float in [0, 1], boxes (N, 4) xyxy, masks (N, H, W) bool, labels (N,) (the
+    category ids) and image_id. Read from `root/<split>/` and `root/annotations/
+    instances_<split>.json` (COCO 2017's layout); crowd regions are left out (they are not one
+    object). An object without a `segmentation` is an error naming the file and annotation.
+
+    `role` (train / val / test) seeds the window draws, whatever the split's name.
+    """
+
+    def __init__(self, root: str | Path, split: str, *, role: str, channels: int = 3) -> None:
+        from pycocotools.coco import COCO
+
+        from datamodules.formats.coco import read_coco  # checks the json, names bad records
+
+        ann = Path(root) / "annotations" / f"instances_{split}.json"
+        if not ann.is_file():
+            raise FileNotFoundError(
+                f"DeepMask source coco: {ann} not found (expected root/<split>/ images and "
+                f"root/annotations/instances_<split>.json)"
+            )
+        records, _ = read_coco(ann, Path(root) / split)
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
+            self.coco = COCO(str(ann))
+        for a in self.coco.anns.values():
+            if not a.get("iscrowd", 0) and not a.get("segmentation"):
+                raise ValueError(
+                    f"{ann}: annotation id {a['id']} (image id {a['image_id']}) has no "
+                    "segmentation: DeepMask trains on instance masks"
+                )
+        self.records, self.split, self.channels, self.ann_file = records, role, channels, ann
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        from datamodules.formats.image import open_image
+
+        rec = self.records[i]
+        pixels = open_image(rec.file, channels=self.channels, record=f"image id {rec.image_id}")
+        image = torch.from_numpy(np.array(pixels, dtype=np.uint8, copy=True))
+        image = (image[None] if image.ndim == 2 else image.permute(2, 0, 1)).float() / 255
+        anns = [a for a in self.coco.imgToAnns.get(rec.image_id, []) if not a.get("iscrowd", 0)]
+        h, w = image.shape[-2:]
+        masks = torch.zeros(len(anns), h, w, dtype=torch.bool)
+        for k, a in enumerate(anns):
+            masks[k] = torch.from_numpy(self.coco.annToMask(a)[:h, :w].astype(bool))
+        keep = masks.flatten(1).any(1)  # a segment outside the image has no pixels to learn
+        masks = masks[keep]
+        boxes = mask_boxes(masks)  # (N, 4) xyxy: the rule measures the object's own extent
+        labels = torch.tensor([a["category_id"] for a in anns], dtype=torch.int64)[keep]
+        return {"image": image, "boxes": boxes, "masks": masks, "labels": labels,
+                "image_id": rec.image_id}  # fmt: skip
+
+
 class DeepMaskWindows(Dataset):
-    """Training windows (see the module docstring) cut from fixed DigitCanvas scenes."""
+    """Training windows (see the module docstring) cut from fixed scenes (DigitCanvas or COCO)."""
 
     def __init__(
         self,
-        scenes: DigitCanvas,
+        scenes: DigitCanvas | CocoScenes,
         *,
         length: int,
         patch_size: int = 32,
@@ -111,7 +170,11 @@ class DeepMaskWindows(Dataset):
         if not 0.0 <= pos_fraction <= 1.0:
             raise ValueError(f"pos_fraction must be in [0, 1], got {pos_fraction}")
         self.scenes, self.length, self.seed = scenes, length, seed
-        self._memo: dict[int, dict[str, torch.Tensor]] = {}  # scenes made on first use, kept
+        # DigitCanvas scenes are made on first use and kept (4 ms each); photographs are read
+        # per window, as a DataLoader's workers read any image data set
+        self._memo: dict[int, dict[str, torch.Tensor]] | None = (
+            {} if isinstance(scenes, DigitCanvas) else None
+        )
         self.patch_size, self.mask_size, self.pos_fraction = patch_size, mask_size, pos_fraction
         self.rule = {
             "patch_size": patch_size, "canonical_size": canonical_size, "pos_offset": pos_offset,
@@ -125,6 +188,8 @@ class DeepMaskWindows(Dataset):
         return np.random.default_rng([self.seed, SPLITS.index(self.scenes.split), index, 13])
 
     def scene(self, i: int) -> dict[str, torch.Tensor]:
+        if self._memo is None:
+            return self.scenes[i]
         if i not in self._memo:
             self._memo[i] = self.scenes[i]
         return self._memo[i]
@@ -137,12 +202,13 @@ class DeepMaskWindows(Dataset):
         dx, dy = rng.uniform(-off, off, size=2) * side / r["patch_size"]  # window px -> scene px
         return float(centre[0]) + dx, float(centre[1]) + dy, side
 
-    def _negative_window(self, rng: np.random.Generator, boxes: torch.Tensor) -> Window:
-        r, s = self.rule, self.scenes.size
+    def _negative_window(self, rng: np.random.Generator, scene: dict[str, torch.Tensor]) -> Window:
+        r, boxes = self.rule, scene["boxes"]
+        h, w = scene["image"].shape[-2:]
         kind = NEGATIVE_KINDS[int(rng.integers(3))] if len(boxes) else "background"
         if kind == "background":
             side = r["patch_size"] * 2 ** rng.uniform(-1.0, 2.0)  # 0.5x .. 4x the window, scene px
-            return float(rng.uniform(0, s)), float(rng.uniform(0, s)), side
+            return float(rng.uniform(0, w)), float(rng.uniform(0, h)), side
         k = int(rng.integers(len(boxes)))
         if kind == "offscale":
             dev = rng.choice([-1.0, 1.0]) * rng.uniform(r["neg_scale"], r["neg_scale"] + 1.0)
@@ -182,7 +248,7 @@ class DeepMaskWindows(Dataset):
                 if window_labels(window, boxes, **r)[k] == 1:
                     return scene, window, k
             else:
-                window = self._negative_window(rng, boxes)
+                window = self._negative_window(rng, scene)
                 if bool((window_labels(window, boxes, **r) == -1).all()):
                     return scene, window, None
         # a crowded scene where no draw passed: a window far outside the canvas is empty (black)
@@ -196,20 +262,30 @@ class DeepMaskWindows(Dataset):
 
 
 class SceneSet(Dataset):
-    """Whole DigitCanvas scenes as (image (C, H, W) in [0, 1], target dict); made once, kept."""
+    """Whole scenes (DigitCanvas, or CocoScenes' photographs) as (image (C, H, W) in [0, 1],
+    target dict); DigitCanvas scenes are made once and kept, photographs read per item."""
 
-    def __init__(self, canvas: DigitCanvas) -> None:
-        self.canvas = canvas
-        self._memo: dict[int, tuple[torch.Tensor, dict[str, Any]]] = {}
+    def __init__(self, canvas: DigitCanvas | CocoScenes, length: int | None = None) -> None:
+        self.canvas, self.length = canvas, min(len(canvas), length or len(canvas))
+        self._memo: dict[int, tuple[torch.Tensor, dict[str, Any]]] | None = (
+            {} if isinstance(canvas, DigitCanvas) else None
+        )
 
     def __len__(self) -> int:
-        return len(self.canvas)
+        return self.length
+
+    def _make(self, i: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        s = self.canvas[i]
+        target = {k: s[k] for k in ("masks", "boxes", "labels")}
+        return s["image"], {**target, "image_id": int(s.get("image_id", i + 1))}  # COCO: from 1
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        if not 0 <= i < self.length:
+            raise IndexError(f"scene {i} out of range for {self.length} scenes")
+        if self._memo is None:
+            return self._make(i)
         if i not in self._memo:
-            s = self.canvas[i]
-            target = {k: s[k] for k in ("masks", "boxes", "labels")}
-            self._memo[i] = (s["image"], {**target, "image_id": i + 1})  # COCO ids start at 1
+            self._memo[i] = self._make(i)
         return self._memo[i]
 
 
@@ -222,6 +298,11 @@ class DeepMaskDataModule(SplitLoaders, LightningDataModule):
 
     def __init__(
         self,
+        source: Literal["digits", "coco"] = "digits",
+        root: str | None = None,
+        train_split: str = "train2017",
+        val_split: str = "val2017",
+        test_split: str | None = None,
         canvas_size: int = 96,
         digit_size: tuple[int, int] = (24, 48),
         num_digits: tuple[int, int] = (1, 3),
@@ -247,8 +328,13 @@ class DeepMaskDataModule(SplitLoaders, LightningDataModule):
     ) -> None:
         """
         Args:
-            canvas_size, digit_size, num_digits, background, clutter, channels: the DigitCanvas
-                scenes (digit_size is the pasted square; a digit's box is ~0.71 of it).
+            source: `digits` (DigitCanvas scenes, made here) or `coco` (COCO-format photographs
+                and instance masks: `root/<split>/`, `root/annotations/instances_<split>.json`).
+            root, train_split, val_split, test_split: coco only (test_split null: the val
+                split's images, COCO's test set having no annotations).
+            canvas_size, digit_size, num_digits, background, clutter: the DigitCanvas scenes
+                (digit_size is the pasted square; a digit's box is ~0.71 of it). channels: 1 or
+                3, the scenes' (coco: the photographs read as gray or RGB).
             patch_size: the window side P (the net's input); mask_size: the mask target side m.
             canonical_size: D, a positive digit's larger box side in window px.
             pos_offset, neg_offset: window px of centring error: positives <= pos_offset on both
@@ -256,14 +342,20 @@ class DeepMaskDataModule(SplitLoaders, LightningDataModule):
             pos_scale, neg_scale: octaves of scale error: positives <= pos_scale, negatives >=
                 neg_scale (or off-centre).
             pos_fraction: share of positive windows.
-            train_scenes: the fixed train scenes windows are cut from; train_length: windows per
-                epoch (each index its own draw).
-            val_length, test_length: whole scenes (fixed by seed; different digits per split).
+            train_scenes: digits: the fixed train scenes windows are cut from (coco: every train
+                image); train_length: windows per epoch (each index its own draw).
+            val_length, test_length: whole scenes (digits: fixed by seed, different digits per
+                split; coco: the split's first images by id).
         """
         super().__init__()
+        if source not in ("digits", "coco"):
+            raise ValueError(f"unknown source {source!r}; valid: digits, coco")
+        if source == "coco" and root is None:
+            raise ValueError("source coco needs root (the folder holding annotations/)")
         self.save_hyperparameters()
         DeepMaskWindows(self._canvas("train", 1), length=0, **self._window_args())  # checks
         self._sets: dict[str, Dataset] = {}
+        self._coco: dict[str, CocoScenes] = {}
 
     def _window_args(self) -> dict[str, Any]:
         keys = ("patch_size", "mask_size", "canonical_size", "pos_offset", "neg_offset",
@@ -284,12 +376,23 @@ class DeepMaskDataModule(SplitLoaders, LightningDataModule):
             seed=hp.seed,
         )
 
+    def _scenes(self, split: str, length: int) -> DigitCanvas | CocoScenes:
+        hp = self.hparams
+        if hp.source == "digits":
+            return self._canvas(split, length)
+        name = {"train": hp.train_split, "val": hp.val_split}.get(split)
+        name = name or hp.test_split or hp.val_split
+        if name not in self._coco:  # val and test may read one annotation file
+            self._coco[name] = CocoScenes(hp.root, name, role=split, channels=hp.channels)
+        return self._coco[name]
+
     def _build(self, split: str) -> Dataset:
         hp = self.hparams
         if split == "train":
-            canvas = self._canvas("train", hp.train_scenes)
-            return DeepMaskWindows(canvas, length=hp.train_length, **self._window_args())
-        return SceneSet(self._canvas(split, hp.val_length if split == "val" else hp.test_length))
+            scenes = self._scenes("train", hp.train_scenes)
+            return DeepMaskWindows(scenes, length=hp.train_length, **self._window_args())
+        length = hp.val_length if split == "val" else hp.test_length
+        return SceneSet(self._scenes(split, length), length)
 
     def setup(self, stage: str | None = None) -> None:
         for split in stage_splits(stage):
