@@ -66,19 +66,25 @@ class Proposer:
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_deepmask": None}  # a worker loads its own copy of the net
 
+    def check_deepmask(self) -> str:
+        """The DeepMask checkpoint's path, or a FileNotFoundError saying what is missing."""
+        path = self.deepmask_checkpoint
+        if path is None or not Path(path).is_file():
+            raise FileNotFoundError(
+                "proposals=deepmask needs deepmask_checkpoint, a DeepMaskModule checkpoint "
+                f"(train configs/deepmask/digits_deepmask.yaml); not found: {path}"
+            )
+        return path
+
     def deepmask(self) -> Any:
         """The DeepMaskModule of `deepmask_checkpoint`, loaded once per process, in eval mode."""
         if self._deepmask is None:
             from lit_modules.deepmask import DeepMaskModule
 
-            path = self.deepmask_checkpoint
-            if path is None or not Path(path).is_file():
-                raise FileNotFoundError(
-                    f"proposals=deepmask needs deepmask_checkpoint, a DeepMaskModule checkpoint "
-                    f"(train configs/deepmask/digits_deepmask.yaml); not found: {path}"
-                )
             # weights=None: the checkpoint holds the whole net; the trunk's file is not needed
-            module = DeepMaskModule.load_from_checkpoint(path, map_location="cpu", weights=None)
+            module = DeepMaskModule.load_from_checkpoint(
+                self.check_deepmask(), map_location="cpu", weights=None
+            )
             self._deepmask = module.eval()
         return self._deepmask
 
@@ -226,13 +232,10 @@ class ProposalDetectionDataModule(DetectionDataModule):
             proposals, ss_mode, max_proposals, ss_min_side, cache_dir, deepmask_checkpoint
         )
         self.proposer.settings()  # a missing cv2.ximgproc fails here, with the pip hint
-        if proposals == "deepmask" and not Path(str(deepmask_checkpoint)).is_file():
+        if proposals == "deepmask":
             # checked here, loaded at first use: a LightningModule built inside this __init__
             # would record the CLI's hyperparameters of this DataModule as its own
-            raise FileNotFoundError(
-                "proposals=deepmask needs deepmask_checkpoint, a DeepMaskModule checkpoint "
-                f"(train configs/deepmask/digits_deepmask.yaml); not found: {deepmask_checkpoint}"
-            )
+            self.proposer.check_deepmask()
 
     def _build(self, name: str, stage: str | None) -> Dataset:
         ds = super()._build(name, stage)
