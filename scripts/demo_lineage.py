@@ -8,7 +8,9 @@ map; Faster R-CNN proposes inside the network. Each row is trained here on the s
 the same digits 0-4 classifier (configs/rcnn/), except Faster R-CNN and OverFeat, whose runs the
 detection and scale topics made (trained here only when those topics did not run). A figure
 shows proposal recall against the number of proposals: selective search, sliding windows, and
-the trained Faster R-CNN's RPN. `demo(out)` returns the numbers, `report(result)` the section.
+the trained Faster R-CNN's RPN. A last row tests the Fast R-CNN on the boxes of the deepmask
+topic's masks instead of selective search's. `demo(out)` returns the numbers, `report(result)`
+the section.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone, no install
 
 from lit_modules.nets.proposals import sliding_windows  # noqa: E402
-from scripts.demo import run_config  # noqa: E402
+from scripts.demo import fit_args, run_config  # noqa: E402
 from scripts.demo_detection import source_weights  # noqa: E402
 from scripts.proposal_recall import COUNTS, digit_scenes, plot_recall, recall_curves  # noqa: E402
 from scripts.train import main as cli_main  # noqa: E402
@@ -83,8 +85,6 @@ def with_deepmask_proposals(fast_run: Path, deepmask: Path, root: Path) -> dict[
     """`train.py test` of the trained Fast R-CNN (best checkpoint) with the boxes of DeepMask's
     masks as its proposals instead of selective search's (issue 13): the same test scenes and
     metric; test/images_per_s counts DeepMask's dense inference."""
-    from scripts.demo import fit_args
-
     overrides = [
         "--data.proposals=deepmask",
         f"--data.deepmask_checkpoint={deepmask}",
