@@ -8,7 +8,7 @@ map; Faster R-CNN proposes inside the network. Each row is trained here on the s
 the same digits 0-4 classifier (configs/rcnn/), except Faster R-CNN and OverFeat, whose runs the
 detection and scale topics made (trained here only when those topics did not run). A figure
 shows proposal recall against the number of proposals: selective search, sliding windows, and
-the trained Faster R-CNN's RPN. A last row tests the Fast R-CNN on the boxes of the deepmask
+the trained Faster R-CNN's RPN. One more row tests the Fast R-CNN on the boxes of the deepmask
 topic's masks instead of selective search's. `demo(out)` returns the numbers, `report(result)`
 the section.
 """
