@@ -6,8 +6,10 @@ taken from the DataModule's train loader once, into a list, so data loading is i
 of a comparison. The plain step calls the module's own net and loss code (`module.net(images,
 targets)` for Faster R-CNN, the FCN's criterion, the GAN's `_d_loss` / `_g_loss`, ...) and its
 own `configure_optimizers`, stepped as Lightning's loop steps them: the same work minus the
-Trainer. The module's `finite_loss` guard and `on_before_batch_transfer` label check run on both
-sides (a stub stands in for the Trainer they read).
+Trainer. DeepMask's step is its `losses` (mask + score terms); Fast R-CNN's samples its RoIs
+(`_sample`) and runs its RoI head and multi-task loss, as their training_steps do. The module's
+`finite_loss` guard and `on_before_batch_transfer` label check run on both sides (a stub stands
+in for the Trainer they read).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from torchmetrics.detection import MeanAveragePrecision
 from lit_modules.detection import IOU_THRESHOLDS, MAP_KEYS, REC_THRESHOLDS
 from lit_modules.guard import finite_loss
 from lit_modules.nets.localization import box_loss, select_boxes
+from lit_modules.nets.rcnn import detection_loss as roi_head_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 _now = time.perf_counter
@@ -131,6 +134,20 @@ SPECS = {
         "configs/localization/digits_box_regressor.yaml",
         model={"weights": None, "num_sample_images": 0},
         steps=20,
+    ),
+    "deepmask": Spec(
+        "configs/deepmask/digits_deepmask.yaml",
+        # no trunk checkpoint on a fresh clone; no pictures or selective search (val / test only)
+        model={"weights": None, "num_sample_images": 0, "compare_selective_search": False},
+        steps=30,  # ~50 ms a step of 32 windows
+    ),
+    "fast_rcnn": Spec(
+        "configs/rcnn/digits_fast_rcnn.yaml",
+        model={"weights": None, "num_sample_images": 0},  # digits_source.pt: a demo's output
+        # no cache: nothing written into the clone, and the pipeline figure counts selective
+        # search in the loader (the first epoch's cost; the config's cache serves later ones)
+        data={"cache_dir": None},
+        steps=40,  # ~30 ms a step of 2 scenes x 64 RoIs
     ),
 }
 
@@ -224,6 +241,24 @@ def localization_loss(m: Any, batch: Any) -> torch.Tensor:
     return loss_cls + hp.box_loss_weight * loss_box
 
 
+def deepmask_loss(m: Any, batch: Any) -> torch.Tensor:
+    x, target, y = batch  # windows (B, C, P, P), masks (B, m, m), labels (B,) +-1
+    terms = m.losses(x, target, y)  # mask loss on positives + score_weight * score loss
+    finite_loss(m, terms, m.hparams.nonfinite_loss)
+    return terms["loss"]
+
+
+def fast_rcnn_loss(m: Any, batch: Any) -> torch.Tensor:
+    images, targets = batch  # list of (3, H, W), list of dicts with `proposals`
+    rois, labels, reg = m._sample(targets)  # rois_per_image per image, fg_fraction foreground
+    # training_step returns None on no RoIs; the gt boxes join the proposals, so a digits scene
+    # (1-3 digits) always has some
+    _, logits, deltas = m._roi_outputs(m._normalise(images), rois, train=True)
+    losses = roi_head_loss(logits, deltas, labels, reg)  # cross-entropy + smooth L1
+    finite_loss(m, losses, m.hparams.nonfinite_loss)
+    return sum(losses.values())
+
+
 def gan_step(m: Any, batch: Any, opts: list[torch.optim.Optimizer]) -> None:
     """DCGANModule.training_step's two manual updates: D on real vs detached fake, then G."""
     real = m._images(batch)  # (B, 1, 32, 32)
@@ -247,6 +282,8 @@ LOSSES: dict[str, Callable[[Any, Any], torch.Tensor]] = {
     "detection": detection_loss,
     "segmentation": segmentation_loss,
     "localization": localization_loss,
+    "deepmask": deepmask_loss,
+    "fast_rcnn": fast_rcnn_loss,
 }
 
 
@@ -370,7 +407,7 @@ def _lightning_run(name: str, batches: list[Any], seed: int) -> dict[str, float]
     gc.collect()
     start = clock()
     trainer = make_trainer(None, max_epochs=1, callbacks=[timer])
-    seed_everything(seed, verbose=False)  # same noise (GAN z, RPN sampling) as the plain run
+    seed_everything(seed, verbose=False)  # same noise (GAN z, RPN / RoI sampling) as plain
     trainer.fit(module, train_dataloaders=Batches(batches))
     (wall, cpu), (loop, cpu_loop) = since(start), timer.times[0]
     return {"wall": wall, "cpu": cpu, "loop": loop, "cpu_loop": cpu_loop}

@@ -8,8 +8,9 @@ peak, bf16-mixed against fp32, and (detection) faster_coco_eval against pycocoto
 Absolute seconds depend on the machine and on whatever else runs on it; a ratio of two
 measurements taken side by side in one process does not (much). So both sides of each figure
 run here, alternated after a warm-up, with the same threads, seed, batches and code. Every
-module (classification, detection, segmentation, gan, localization) is built from its YAML
-config with small sizes (scripts/bench_modules.py says what each plain step does):
+module (classification, detection, segmentation, gan, localization, deepmask, fast_rcnn) is
+built from its YAML config with small sizes (scripts/bench_modules.py says what each plain step
+does):
 
 - Trainer vs plain loop (target <= 1.05): `Trainer(...)` + `fit` on a pre-built list of batches
   against a hand-written loop over the same list calling the module's own net, loss and

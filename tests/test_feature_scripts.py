@@ -8,9 +8,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from lightning.pytorch import seed_everything
 from PIL import Image
 
 from scripts import benchmark, extract_features
+from scripts.bench_modules import (
+    Batches,
+    build_data,
+    build_module,
+    make_trainer,
+    plain_loop,
+    take_batches,
+)
 
 CHANCE_5 = 0.2
 # Random conv features + a linear classifier reach ~0.8 on digits 5-9 with 10 labels per class
@@ -149,6 +159,24 @@ def test_benchmark_module_figures_smoke(quick_run: tuple[dict, Path], module: st
     assert figures["flops"]["flops_per_step"] > 0 and figures["flops"]["ratio"] < 1.5
 
 
+@pytest.mark.parametrize("module", ["deepmask", "fast_rcnn"])
+def test_benchmark_plain_step_does_the_training_steps_work(module: str) -> None:
+    """The plain loop is the module's training_step minus the Trainer: from the same seed and
+    batches (dropout, RoI sampling), Lightning's fit ends on the same weights (< 1 s each)."""
+    benchmark.quiet()
+    batches = take_batches(build_data(module, 2), 2)
+    plain, fitted, start = (build_module(module, 0) for _ in range(3))
+    seed_everything(0, verbose=False)
+    plain_loop(module, plain, batches)
+    trainer = make_trainer(None, max_epochs=1)
+    seed_everything(0, verbose=False)
+    trainer.fit(fitted, train_dataloaders=Batches(batches))
+    assert trainer.global_step == 2  # no step skipped (no RoIs, non-finite loss)
+    pairs = list(zip(plain.parameters(), fitted.parameters(), start.parameters(), strict=True))
+    assert all(torch.equal(p, f) for p, f, _ in pairs)
+    assert any(not torch.equal(p, s) for p, _, s in pairs)  # and training moved them
+
+
 def test_benchmark_roi_align_figure(quick_run: tuple[dict, Path]) -> None:
     figure = quick_run[0]["roi_align"]
     for s in (1, 2):
@@ -218,6 +246,8 @@ def test_benchmark_writes_bench_json_and_every_table(quick_run: tuple[dict, Path
 def test_benchmark_modules_subset_and_bad_args(tmp_path: Path) -> None:
     args = benchmark.parse_args(["--modules", "gan", "detection", "--quick"])
     assert args.modules == ["gan", "detection"] and args.steps == 1 and args.repeats == 1
+    args = benchmark.parse_args(["--modules", "deepmask", "fast_rcnn"])
+    assert args.modules == ["deepmask", "fast_rcnn"] and args.steps is None
     with pytest.raises(SystemExit):
         benchmark.parse_args(["--modules", "rcnn"])
     with pytest.raises(SystemExit):
