@@ -114,6 +114,9 @@ def test_upsampling_starts_bilinear_and_score_layers_at_zero() -> None:
     assert up(x).shape == ref.shape
     assert torch.allclose(up(x)[..., 8:-8, 8:-8], ref[..., 8:-8, 8:-8], atol=1e-5)
     assert up.weight.requires_grad and not Upsample(4, 2, learnable=False).weight.requires_grad
+    fixed = Upsample(4, 8, learnable=False)  # interpolation, borders included, same as the conv
+    assert torch.allclose(fixed(x), up(x), atol=1e-5)
+    assert fixed(x).shape == up(x).shape
     net = build_fcn(arch="digits", variant="8s", num_classes=11).eval()
     for layer in (net.score_fr, net.score_pool4, net.score_pool3):
         assert not layer.weight.any() and not layer.bias.any()
