@@ -216,30 +216,49 @@ class ExportWeights(Callback):
 
     `weights: best` (default) exports the checkpoint chosen on val (the run's `best-*.ckpt`), as
     the next stage of a staged recipe would start from it; `last`, or a run without a best
-    checkpoint, exports the final weights.
+    checkpoint, exports the final weights. `full_checkpoint: true` exports the whole Lightning
+    checkpoint instead of `{"state_dict": ...}` alone, hyperparameters included, so that
+    `Module.load_from_checkpoint(path)` rebuilds the model (DeepMask as a detector's proposer).
     """
 
-    def __init__(self, filename: str, weights: Literal["best", "last"] = "best") -> None:
+    def __init__(
+        self,
+        filename: str,
+        weights: Literal["best", "last"] = "best",
+        full_checkpoint: bool = False,
+    ) -> None:
         if weights not in ("best", "last"):
             raise ValueError(f"ExportWeights: weights must be best or last, got {weights!r}")
-        self.filename, self.weights = filename, weights
+        self.filename, self.weights, self.full_checkpoint = filename, weights, full_checkpoint
 
-    def _state_dict(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
-        best = getattr(getattr(trainer, "checkpoint_callback", None), "best_model_path", "")
-        if self.weights == "best" and best and Path(best).is_file():
-            return torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
-        return pl_module.state_dict()
+    def _export(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
+        callback = getattr(trainer, "checkpoint_callback", None)
+        best = getattr(callback, "best_model_path", "")
+        path = best if self.weights == "best" and best and Path(best).is_file() else ""
+        if self.full_checkpoint:  # a checkpoint file of the run, copied whole
+            path = path or getattr(callback, "last_model_path", "")
+            if not path or not Path(path).is_file():
+                raise FileNotFoundError(
+                    f"ExportWeights({self.filename!r}, full_checkpoint=true) copies a checkpoint "
+                    "of the run, but the run saved none: keep checkpointing on"
+                )
+            return torch.load(path, map_location="cpu", weights_only=False)  # this run's own file
+        if path:
+            return {
+                "state_dict": torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+            }
+        return {"state_dict": pl_module.state_dict()}
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not trainer.is_global_zero:
             return
-        state = self._state_dict(trainer, pl_module)
+        export = self._export(trainer, pl_module)
         path = Path(trainer.default_root_dir) / "weights" / self.filename
         path.parent.mkdir(parents=True, exist_ok=True)
         # written beside the target, then renamed: readers of `path` see a whole file, always
         tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
         try:
-            torch.save({"state_dict": state}, tmp)
+            torch.save(export, tmp)
             kept = previous_name(path) if path.exists() else None
             if kept is not None:
                 os.replace(path, kept)

@@ -437,6 +437,27 @@ def test_export_weights_exports_the_checkpoint_chosen_on_val(tmp_path: Path) -> 
     assert read()["weight"][0, 0].item() == 1.0
 
 
+def test_export_full_checkpoint_copies_the_chosen_checkpoint_whole(tmp_path: Path) -> None:
+    """`full_checkpoint: true` exports the run's checkpoint file itself (hyperparameters too);
+    without one to copy it says so, never a state dict that load_from_checkpoint cannot read."""
+    best, last = tmp_path / "best-001.ckpt", tmp_path / "last.ckpt"
+    torch.save({"state_dict": {"w": torch.ones(1)}, "hyper_parameters": {"lr": 0.5}}, best)
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "hyper_parameters": {"lr": 0.5}}, last)
+    callback = SimpleNamespace(best_model_path=str(best), last_model_path=str(last))
+    trainer = SimpleNamespace(
+        is_global_zero=True, default_root_dir=str(tmp_path), checkpoint_callback=callback
+    )
+    net = torch.nn.Linear(2, 1)
+    read = lambda: torch.load(tmp_path / "weights" / "m.ckpt", weights_only=False)  # noqa: E731
+    ExportWeights("m.ckpt", full_checkpoint=True).on_fit_end(trainer, net)  # type: ignore[arg-type]
+    assert read()["hyper_parameters"] == {"lr": 0.5} and read()["state_dict"]["w"].item() == 1.0
+    ExportWeights("m.ckpt", "last", full_checkpoint=True).on_fit_end(trainer, net)  # type: ignore[arg-type]
+    assert read()["state_dict"]["w"].item() == 0.0
+    callback.best_model_path = callback.last_model_path = ""
+    with pytest.raises(FileNotFoundError, match="m.ckpt.*saved none"):
+        ExportWeights("m.ckpt", full_checkpoint=True).on_fit_end(trainer, net)  # type: ignore[arg-type]
+
+
 def test_demo_twice_keeps_both_reports(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
