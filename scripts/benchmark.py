@@ -326,13 +326,16 @@ def module_tables(modules: dict[str, dict[str, Any]], peak: dict[str, float]) ->
     )  # fmt: skip
     lines += _table(
         "Data pipeline vs training: the train DataLoader alone (target >= 5x)",
-        ["module", "workers", "batch", "loader s / batch", "train s / step", "ratio",
-         "share of a step waiting for data", "load before / after"],
+        ["module", "workers", "batch", "loader s / batch", "first pass s / batch",
+         "train s / step", "ratio", "share of a step waiting for data", "load before / after"],
         [[m, str(f["workers"]), str(f["batch_size"]), f"{f['loader_batch_s']:.4f}",
-          f"{f['train_step_s']:.4f}", f"{f['ratio']:.1f}x", f"{f['wait_share']:.1%}", _load(f)]
+          f"{f.get('first_pass_batch_s', float('nan')):.4f}", f"{f['train_step_s']:.4f}",
+          f"{f['ratio']:.1f}x", f"{f['wait_share']:.1%}", _load(f)]
          for m, f in fig["pipeline"].items()],
         "Wait share: time in next(iterator) over the whole loop when that loader feeds the plain "
-        "loop (the config's workers; 0: loading and training take turns on one core).",
+        "loop (the config's workers; 0: loading and training take turns on one core). First "
+        "pass: the loader's first epoch, which fills a config's caches (Fast R-CNN: selective "
+        "search); the ratio is every later epoch's, as training sees it.",
     )  # fmt: skip
     lines += _table(
         "Achieved FLOP/s of a training step against the machine's matmul peak",
