@@ -50,6 +50,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -113,7 +114,7 @@ def run_row(
     spec = row.get("quick", row) if quick else row
     config = spec.get("config", row["config"])
     overrides = [o.replace("{root}", str(root)) for o in spec.get("overrides", [])]
-    name = f"{table}_{row['name']}".replace(" ", "_").replace("/", "_")
+    name = re.sub(r"[^\w.-]+", "_", f"{table}_{row['name']}")  # a folder name: runs/<name>/
     t0 = time.perf_counter()
     checkpoint = row.get("checkpoint", checkpoint)
     metrics, chosen = fit_and_test(config, name, root, [*overrides, *extra], checkpoint)
