@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -101,23 +102,42 @@ def _best_checkpoint(run: Path) -> Path:
     return best[-1] if best else run / "checkpoints" / "last.ckpt"
 
 
-def speed_at(run: Path, n: int = PAPER_PROPOSALS, scenes: int = SPEED_SCENES) -> dict[str, float]:
-    """Test-time images/s of a trained R-CNN / SPP-net / Fast R-CNN (its best checkpoint) with `n`
-    proposals per image, the count R-CNN's papers run: selective search finds only ~20 boxes on
-    a 96 px digit scene, where it finds ~2,000 on a 500 px photograph, and R-CNN's cost grows
-    with the count. Sliding windows stand in for them (speed only: no mAP at this count)."""
-    path = yaml.safe_load((run / "config.yaml").read_text())["model"]["class_path"]
-    module_name, cls_name = path.rsplit(".", 1)
-    cls = getattr(importlib.import_module(module_name), cls_name)  # the run's own module class
-    module = cls.load_from_checkpoint(_best_checkpoint(run), map_location="cpu").eval()
-    module.hparams.test_max_proposals = None  # every one of the n
+def speeds_at(
+    runs: dict[str, Path], n: int = PAPER_PROPOSALS, scenes: int = SPEED_SCENES, repeats: int = 3
+) -> dict[str, dict[str, float]]:
+    """Test-time images/s of trained R-CNN / SPP-net / Fast R-CNN runs (their best checkpoints)
+    with `n` proposals per image, the count R-CNN's papers run: selective search finds only ~20
+    boxes on a 96 px digit scene, where it finds ~2,000 on a 500 px photograph, and R-CNN's cost
+    grows with the count. Sliding windows stand in for them (speed only: no mAP at this count).
+    The nets take turns, `repeats` rounds of `scenes` images each, and each keeps its median
+    round: their ratios then compare the nets at the same moment of a shared machine."""
+    modules = {}
+    for label, run in runs.items():
+        path = yaml.safe_load((run / "config.yaml").read_text())["model"]["class_path"]
+        module_name, cls_name = path.rsplit(".", 1)
+        cls = getattr(importlib.import_module(module_name), cls_name)  # the run's own class
+        module = cls.load_from_checkpoint(_best_checkpoint(run), map_location="cpu").eval()
+        module.hparams.test_max_proposals = None  # every one of the n
+        modules[label] = module
     images, _ = digit_scenes(scenes + 1)
     boxes = [sliding_windows(*img.shape[-2:])[:n] for img in images]
-    module([images[0]], [boxes[0]])  # warm-up: allocations, oneDNN kernel choice
-    t0 = time.perf_counter()
-    for img, b in zip(images[1:], boxes[1:], strict=True):
-        module([img], [b])
-    return {"proposals": float(len(boxes[1])), "images_per_s": scenes / (time.perf_counter() - t0)}
+    for module in modules.values():
+        module([images[0]], [boxes[0]])  # warm-up: allocations, oneDNN kernel choice
+    rates: dict[str, list[float]] = {label: [] for label in modules}
+    for _ in range(repeats):
+        for label, module in modules.items():
+            t0 = time.perf_counter()
+            for img, b in zip(images[1:], boxes[1:], strict=True):
+                module([img], [b])
+            rates[label].append(scenes / (time.perf_counter() - t0))
+    return {
+        label: {
+            "proposals": float(len(boxes[1])),
+            "images_per_s": statistics.median(r),
+            "rounds": r,
+        }  # fmt: skip
+        for label, r in rates.items()
+    }
 
 
 def demo(out: Path) -> dict[str, Any]:
@@ -130,14 +150,16 @@ def demo(out: Path) -> dict[str, Any]:
         t0 = time.perf_counter()
         metrics = run_config(config, name, root, [f"--model.weights={weights}"])
         rows[label] = {"config": config, "seconds": round(time.perf_counter() - t0, 1), **metrics}
-        rows[label]["at_2000"] = speed_at(_newest(root, name))
         print(
             f"[lineage] {label}: test/map_50 {metrics['test/map_50']:.3f}  "
             f"{metrics['test/images_per_s']:.1f} images/s with proposals, "
             f"{metrics.get('test/images_per_s_net', float('nan')):.1f} without"
         )
+    runs = {label: _newest(root, f"lineage_{Path(config).stem}") for label, config in ROWS.items()}
+    for label, speed in speeds_at(runs).items():  # side by side, after all three trained
+        rows[label]["at_2000"] = speed
     t0 = time.perf_counter()
-    fast_run = _newest(root, f"lineage_{Path(ROWS['Fast R-CNN']).stem}")
+    fast_run = runs["Fast R-CNN"]
     deepmask = with_deepmask_proposals(fast_run, _deepmask_checkpoint(out), root)
     rows[DEEPMASK_ROW] = {
         "config": f"{ROWS['Fast R-CNN']} (test only, --data.proposals=deepmask)",
