@@ -74,7 +74,8 @@ class DigitCanvas(Dataset):
 
     A sample is a dict: `image` (C, H, W) float32 in [0, 1]; `boxes` (N, 4) float32 xyxy, tight
     around the digit's mask pixels (x2, y2 exclusive); `labels` (N,) int64 in 1..10 (digit + 1;
-    0 is background); `masks` (N, H, W) bool; `semantic` (H, W) int64 in 0..10.
+    0 is background); `masks` (N, H, W) bool; `semantic` (H, W) int64 in 0..10 (these two only
+    with `masks: True`, the default).
     """
 
     def __init__(
@@ -89,6 +90,7 @@ class DigitCanvas(Dataset):
         background: Literal["black", "noise", "gradient"] = "black",
         channels: int = 1,
         seed: int = 0,
+        masks: bool = True,
     ) -> None:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -114,6 +116,7 @@ class DigitCanvas(Dataset):
             channels,
             seed,
         )
+        self.masks = masks  # False: samples hold image, boxes and labels only (cheaper)
         self.digits = load_mnist5k()[split]
 
     def __len__(self) -> int:
@@ -160,7 +163,9 @@ class DigitCanvas(Dataset):
         canvas = self._background(rng)
         self._paste_clutter(canvas, rng)
         occupied = np.zeros((s, s), bool)
-        masks, labels, boxes = [], [], []
+        placed: list[tuple[int, int, int, np.ndarray]] = []  # (x, y, side, digit pixels)
+        labels: list[int] = []
+        boxes: list[list[int]] = []
         want = int(rng.integers(self.num_digits[0], self.num_digits[1] + 1))
         for _ in range(want):
             for _attempt in range(30):  # rejection sampling: digits never overlap
@@ -171,29 +176,31 @@ class DigitCanvas(Dataset):
             else:
                 continue  # canvas too full: fewer digits than asked, still a valid scene
             digit, label = self._digit(rng, side)
-            mask = np.zeros((s, s), bool)
-            mask[y : y + side, x : x + side] = digit > 0.5
-            if not mask.any():
+            inside = digit > 0.5  # (side, side): the digit's pixels in its square
+            if not inside.any():
                 continue
             occupied[y : y + side, x : x + side] = True
             np.maximum(
                 canvas[y : y + side, x : x + side], digit, out=canvas[y : y + side, x : x + side]
             )
-            ys, xs = np.nonzero(mask)
-            boxes.append([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
-            masks.append(mask)
+            ys, xs = np.nonzero(inside)
+            boxes.append([x + xs.min(), y + ys.min(), x + xs.max() + 1, y + ys.max() + 1])
+            placed.append((x, y, side, inside))
             labels.append(label + 1)
-        semantic = np.zeros((s, s), np.int64)
-        for m, lab in zip(masks, labels, strict=True):
-            semantic[m] = lab
         image = torch.from_numpy(canvas).unsqueeze(0).expand(self.channels, s, s).contiguous()
-        return {
+        sample = {
             "image": image,  # (C, H, W)
             "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),  # (N, 4)
             "labels": torch.tensor(labels, dtype=torch.int64),  # (N,)
-            "masks": torch.from_numpy(np.stack(masks) if masks else np.zeros((0, s, s), bool)),
-            "semantic": torch.from_numpy(semantic),  # (H, W)
         }
+        if not self.masks:  # boxes only (localization windows): no per-pixel work
+            return sample
+        masks = np.zeros((len(placed), s, s), bool)
+        semantic = np.zeros((s, s), np.int64)
+        for k, ((x, y, side, inside), lab) in enumerate(zip(placed, labels, strict=True)):
+            masks[k, y : y + side, x : x + side] = inside  # squares never overlap (occupied)
+            semantic[y : y + side, x : x + side][inside] = lab
+        return sample | {"masks": torch.from_numpy(masks), "semantic": torch.from_numpy(semantic)}
 
 
 # ----------------------------------------------------------------------------- classification

@@ -100,13 +100,14 @@ class LocalizationWindows(Dataset):
         self.max_background_visible = max_background_visible
         # single-digit scenes of the window's size: the positives of the plain task, the fallback
         self.single = DigitCanvas(
-            split, length=length, size=size, num_digits=(1, 1), digit_size=digit_size, seed=seed
-        )
+            split, length=length, size=size, num_digits=(1, 1), digit_size=digit_size, seed=seed,
+            masks=False,
+        )  # fmt: skip
         self.scenes = None
         if scene_size is not None:
             self.scenes = DigitCanvas(
                 split, length=length, size=scene_size, num_digits=scene_digits,
-                digit_size=digit_size, seed=seed,
+                digit_size=digit_size, seed=seed, masks=False,  # boxes are all a window needs
             )  # fmt: skip
 
     def __len__(self) -> int:

@@ -367,3 +367,17 @@ def test_datamodule_bad_arguments(kw: dict, name: str) -> None:
     with pytest.raises(ValueError, match=name):
         dm = DigitsDataModule(**kw)
         dm.setup("fit")  # a check may live in setup; either place is fine
+
+
+def test_canvas_without_masks_is_the_same_scene() -> None:
+    """masks=False (localization windows) skips the per-pixel masks, nothing else."""
+    full = DigitCanvas("val", length=20, size=96, num_digits=(1, 3), digit_size=(20, 40))
+    boxes_only = DigitCanvas(
+        "val", length=20, size=96, num_digits=(1, 3), digit_size=(20, 40), masks=False
+    )
+    for i in range(20):
+        a, b = full[i], boxes_only[i]
+        assert set(b) == {"image", "boxes", "labels"}
+        assert all(torch.equal(a[k], b[k]) for k in b)
+        assert a["masks"].flatten(1).any(1).all()  # every digit has pixels, one label each
+        assert (a["semantic"] > 0).sum() == a["masks"].sum()
