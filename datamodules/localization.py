@@ -33,13 +33,15 @@ Sample = tuple[torch.Tensor, dict[str, torch.Tensor]]
 _TRIES = 20  # window draws before a sample falls back (see LocalizationWindows.__getitem__)
 
 
-def visible_fraction(boxes: torch.Tensor, window: tuple[int, int, int, int]) -> torch.Tensor:
-    """(N,) share of each (N, 4) xyxy box's area inside the xyxy `window`."""
-    x0, y0, x1, y1 = window
-    w = (boxes[:, 2].clamp(max=x1) - boxes[:, 0].clamp(min=x0)).clamp_min(0)
-    h = (boxes[:, 3].clamp(max=y1) - boxes[:, 1].clamp(min=y0)).clamp_min(0)
-    area = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).clamp_min(1e-6)
-    return w * h / area
+def visible_fraction(boxes: np.ndarray, window: tuple[int, int, int, int]) -> np.ndarray:
+    """(N,) share of each (N, 4) float32 xyxy box's area inside the xyxy `window` (NumPy: the
+    window search calls it up to 20 times a sample, where small-tensor torch calls cost more
+    than the arithmetic; float32 throughout, as the boxes are)."""
+    x0, y0, x1, y1 = (np.float32(v) for v in window)
+    w = np.maximum(np.minimum(boxes[:, 2], x1) - np.maximum(boxes[:, 0], x0), np.float32(0))
+    h = np.maximum(np.minimum(boxes[:, 3], y1) - np.maximum(boxes[:, 1], y0), np.float32(0))
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    return w * h / np.maximum(area, np.float32(1e-6))
 
 
 def check_window_options(
@@ -127,7 +129,7 @@ class LocalizationWindows(Dataset):
         box = scene["boxes"][k] - torch.tensor([x, y, x, y], dtype=torch.float32)
         return image, {"boxes": box, "labels": scene["labels"][k]}
 
-    def _window(self, rng: np.random.Generator, box: torch.Tensor | None, side: int) -> list[int]:
+    def _window(self, rng: np.random.Generator, box: np.ndarray | None, side: int) -> list[int]:
         """Top-left (x, y) of a window inside the scene, holding `min_visible` of `box` if given."""
         hi = side - self.size
         if box is None:
@@ -151,14 +153,14 @@ class LocalizationWindows(Dataset):
         rng = self._rng(index)
         background = rng.random() < self.background_fraction
         scene = self.scenes[index]
-        boxes, side = scene["boxes"], self.scenes.size
+        boxes, side = scene["boxes"].numpy(), self.scenes.size  # (N, 4) float32
         for _ in range(_TRIES):
             k = None if background or not len(boxes) else int(rng.integers(len(boxes)))
             x, y = self._window(rng, None if k is None else boxes[k], side)
             seen = visible_fraction(boxes, (x, y, x + self.size, y + self.size))  # (N,)
             if k is None and bool((seen <= self.max_background_visible).all()):
                 return self._crop(scene, x, y, None)
-            others = torch.cat([seen[:k], seen[k + 1 :]]) if k is not None else seen
+            others = np.delete(seen, k) if k is not None else seen
             if k is not None and seen[k] >= self.min_visible and bool((others <= 0.5).all()):
                 return self._crop(scene, x, y, k)
         if background:  # a crowded scene: an empty canvas is background too
