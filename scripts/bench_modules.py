@@ -405,6 +405,18 @@ def matmul_peak(n: int = 1024, repeats: int = 5) -> dict[str, float]:
     return out
 
 
+def alternated(
+    sides: dict[str, Callable[[], dict[str, Any]]], repeats: int
+) -> dict[str, list[dict[str, Any]]]:
+    """Each side's run `repeats` times, in the given order, then reversed, and so on: a machine
+    that drifts during the measurement favours no side."""
+    runs: dict[str, list[dict[str, Any]]] = {side: [] for side in sides}
+    for r in range(repeats):
+        for side in list(sides) if r % 2 == 0 else list(sides)[::-1]:
+            runs[side].append(sides[side]())
+    return runs
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values) if values else math.nan
 
@@ -454,17 +466,14 @@ def measure_module(
         _plain_run(name, batches[:1], seed)
         _lightning_run(name, batches[:1], seed)
         _plain_run(name, batches[:1], seed, bf16=True)
-    runs: dict[str, list[dict[str, Any]]] = {"plain": [], "lightning": [], "bf16": []}
-    sides = {
-        "plain": lambda: _plain_run(name, batches, seed),
-        "lightning": lambda: _lightning_run(name, batches, seed),
-        "bf16": lambda: _plain_run(name, batches, seed, bf16=True),
-    }
-    for r in range(repeats):  # the order flips every repeat: a drifting machine favours no side
-        for side in (
-            ("plain", "lightning", "bf16") if r % 2 == 0 else ("bf16", "lightning", "plain")
-        ):
-            runs[side].append(sides[side]())
+    runs = alternated(
+        {
+            "plain": lambda: _plain_run(name, batches, seed),
+            "lightning": lambda: _lightning_run(name, batches, seed),
+            "bf16": lambda: _plain_run(name, batches, seed, bf16=True),
+        },
+        repeats,
+    )
 
     def med(side: str, key: str) -> float:
         return statistics.median(r[key] for r in runs[side])

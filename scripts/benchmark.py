@@ -65,6 +65,7 @@ from lit_modules.transfer import TransferClassifier  # noqa: E402
 from scripts.bench_modules import (  # noqa: E402
     SPECS,
     EpochTimer,
+    alternated,
     clock,
     make_trainer,
     matmul_peak,
@@ -159,14 +160,14 @@ def measure_overhead(
     dm = dm or make_data()
     time_plain(dm, seed, limit_batches)  # warm-up: allocator, oneDNN kernels, lazy imports
     time_lightning(dm, seed, limit_batches)
-    plain: list[dict[str, float]] = []
-    light: list[dict[str, float]] = []
-    for r in range(repeats):  # the order flips every repeat: a drifting machine favours no side
-        if r % 2:
-            light.append(time_lightning(dm, seed, limit_batches))
-        plain.append(time_plain(dm, seed, limit_batches))
-        if not r % 2:
-            light.append(time_lightning(dm, seed, limit_batches))
+    runs = alternated(
+        {
+            "plain": lambda: time_plain(dm, seed, limit_batches),
+            "lightning": lambda: time_lightning(dm, seed, limit_batches),
+        },
+        repeats,
+    )
+    plain, light = runs["plain"], runs["lightning"]
 
     def med(runs: list[dict[str, float]], key: str) -> float:
         return statistics.median(r[key] for r in runs)

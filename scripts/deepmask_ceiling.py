@@ -26,54 +26,41 @@ from torchvision.ops import roi_align
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone, no install
 
-from datamodules.deepmask import DeepMaskDataModule, digit_geometry  # noqa: E402
+from datamodules.deepmask import DeepMaskDataModule, window_labels  # noqa: E402
 from lit_modules.deepmask import average_recall, mask_iou  # noqa: E402
-from lit_modules.nets.deepmask import paste_masks  # noqa: E402
+from lit_modules.nets.deepmask import paste_masks, window_grid  # noqa: E402
 
+RULE = ("patch_size", "canonical_size", "pos_offset", "neg_offset", "pos_scale", "neg_scale")
 CONFIG = Path(__file__).resolve().parents[1] / "configs/deepmask/digits_deepmask.yaml"
-
-
-def grid_windows(
-    size: tuple[int, int], scales: list[float], patch: int, stride: int
-) -> torch.Tensor:
-    """(K, 4) xyxy image-pixel windows of dense inference, all scales (multiscale_proposals)."""
-    out = []
-    for s in scales:
-        h, w = (max(1, round(v * s)) for v in size)
-        ii, jj = torch.meshgrid(
-            torch.arange(h // stride + 1), torch.arange(w // stride + 1), indexing="ij"
-        )
-        cx, cy = (jj.flatten() * stride).float(), (ii.flatten() * stride).float()
-        out.append(
-            torch.stack([cx, cy, cx, cy], 1) / s + torch.tensor([-1, -1, 1, 1]) * patch / 2 / s
-        )
-    return torch.cat(out)
 
 
 def ceiling(
     dm: DeepMaskDataModule, scales: list[float], stride: int, any_window: bool
 ) -> dict[str, float]:
     hp = dm.hparams
-    patch, m = hp.patch_size, hp.mask_size
+    rule = {k: hp[k] for k in RULE}  # window_labels' keywords, the data's values
     best = []
     for image, target in dm.scenes("test"):
         size = tuple(image.shape[-2:])
-        windows = grid_windows(size, scales, patch, stride)
-        side = windows[:, 2] - windows[:, 0]
-        centres, sizes = digit_geometry(target["boxes"].float())
+        windows = torch.cat([  # every window of dense inference (multiscale_proposals' grid)
+            window_grid(round(size[0] * s) // stride + 1, round(size[1] * s) // stride + 1,
+                        stride=stride, patch_size=hp.patch_size, scale=s)
+            for s in scales
+        ])  # fmt: skip
+        centred = torch.cat(
+            [(windows[:, :2] + windows[:, 2:]) / 2, windows[:, 2:3] - windows[:, :1]], 1
+        )
+        labels = torch.stack(  # (W, N): the training rule, window by window
+            [window_labels(tuple(w), target["boxes"].float(), **rule) for w in centred.tolist()]
+        )
         for k, gt in enumerate(target["masks"]):
-            off = (
-                ((windows[:, :2] + windows[:, 2:]) / 2 - centres[k]) * patch / side[:, None]
-            ).abs()
-            scale = (sizes[k] * patch / side / hp.canonical_size).log2().abs()
-            ok = torch.ones_like(side, dtype=torch.bool) if any_window else (
-                (off.amax(1) <= hp.pos_offset) & (scale <= hp.pos_scale)
-            )  # fmt: skip
+            ok = torch.ones(len(windows), dtype=torch.bool) if any_window else labels[:, k] == 1
             if not ok.any():
                 best.append(0.0)
                 continue
             rois = torch.cat([torch.zeros(int(ok.sum()), 1), windows[ok]], 1)
-            cells = roi_align(gt[None, None].float(), rois, m, sampling_ratio=4, aligned=True)
+            cells = roi_align(gt[None, None].float(), rois, hp.mask_size, sampling_ratio=4,
+                              aligned=True)  # fmt: skip
             logits = torch.logit(cells[:, 0].clamp(1e-4, 1 - 1e-4))  # the training targets
             pasted = paste_masks(logits, windows[ok], size, 0.0)
             best.append(float(mask_iou(pasted, gt[None])[:, 0].max()))

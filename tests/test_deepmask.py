@@ -348,15 +348,9 @@ def test_ceiling_of_perfect_masks_bounds_and_falls_with_resolution() -> None:
     full window resolution, fewer at a quarter of it, more when every window may answer."""
     from scripts.deepmask_ceiling import ceiling
 
-    def dm(mask_size: int) -> DeepMaskDataModule:
-        return DeepMaskDataModule(
-            canvas_size=96, digit_size=(24, 48), num_digits=(1, 3), patch_size=32,
-            mask_size=mask_size, canonical_size=16, test_length=6,
-        )  # fmt: skip
-
-    full = ceiling(dm(32), [0.5, 0.71, 1.0], 4, any_window=False)
-    coarse = ceiling(dm(8), [0.5, 0.71, 1.0], 4, any_window=False)
-    every = ceiling(dm(32), [0.5, 0.71, 1.0], 4, any_window=True)
+    full = ceiling(tiny_data(mask_size=32, test_length=6), [0.5, 0.71, 1.0], 4, any_window=False)
+    coarse = ceiling(tiny_data(mask_size=8, test_length=6), [0.5, 0.71, 1.0], 4, any_window=False)
+    every = ceiling(tiny_data(mask_size=32, test_length=6), [0.5, 0.71, 1.0], 4, any_window=True)
     assert full["objects"] == coarse["objects"] > 0
     assert 0.5 < full["ar"] <= every["ar"] <= 1.0
     assert coarse["ar"] < full["ar"]

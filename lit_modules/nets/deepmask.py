@@ -190,6 +190,14 @@ def _resize(image: torch.Tensor, scale: float) -> torch.Tensor:
     )
 
 
+def window_grid(ny: int, nx: int, *, stride: int, patch_size: int, scale: float) -> torch.Tensor:
+    """(ny * nx, 4) xyxy image-pixel windows of a dense map at `scale`, row-major: cell (i, j) is
+    the `patch_size` window centred on resized pixel (j * stride, i * stride)."""
+    ii, jj = torch.meshgrid(torch.arange(ny), torch.arange(nx), indexing="ij")
+    cx, cy, half = (jj.flatten() * stride).float(), (ii.flatten() * stride).float(), patch_size / 2
+    return torch.stack([cx - half, cy - half, cx + half, cy + half], 1) / scale
+
+
 @torch.no_grad()
 def multiscale_proposals(
     net: DeepMask, image: torch.Tensor, *, scales: Sequence[float], top_k: int = 1000
@@ -201,15 +209,13 @@ def multiscale_proposals(
     (i, j) is centred on (j * stride, i * stride) resized pixels: (x - P/2) / s .. (x + P/2) / s
     in image pixels. Scores of all scales are ranked together (paper: no NMS).
     """
-    p, half = net.patch_size, net.patch_size / 2
+    p = net.patch_size
     scores, windows, masks = [], [], []
     for s in scales:
         x = F.pad(_resize(image[None].float(), s), (p // 2, p - p // 2, p // 2, p - p // 2))
         m, sc = net.dense(x)  # (1, m*m, ny, nx), (1, ny, nx)
         ny, nx = sc.shape[-2:]
-        ii, jj = torch.meshgrid(torch.arange(ny), torch.arange(nx), indexing="ij")
-        cx, cy = (jj.flatten() * net.stride).float(), (ii.flatten() * net.stride).float()
-        windows.append(torch.stack([cx - half, cy - half, cx + half, cy + half], 1) / s)
+        windows.append(window_grid(ny, nx, stride=net.stride, patch_size=p, scale=s))
         scores.append(sc.flatten())  # (ny*nx,)
         masks.append(m[0].flatten(1).T)  # (ny*nx, m*m)
     score = torch.cat(scores).float()
