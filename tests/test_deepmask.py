@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from lightning.pytorch import Trainer, seed_everything
 
 from datamodules.deepmask import (
@@ -26,7 +27,12 @@ from lit_modules.deepmask import (
     deepmask_proposals,
     mask_iou,
 )
-from lit_modules.nets.deepmask import build_deepmask, mask_boxes, paste_masks
+from lit_modules.nets.deepmask import (
+    build_deepmask,
+    mask_boxes,
+    multiscale_proposals,
+    paste_masks,
+)
 
 RULE = {"patch_size": 32, "canonical_size": 16.0, "pos_offset": 2.0, "neg_offset": 4.0,
         "pos_scale": 0.25, "neg_scale": 1.0}  # fmt: skip
@@ -80,6 +86,49 @@ def test_dense_cell_is_the_window() -> None:
     same = (dm[0, :, 3, 3].view(16, 16) - pm[0]).abs().max()
     neighbour = (dm[0, :, 2, 3].view(16, 16) - pm[0]).abs().max()  # another window
     assert neighbour > 5 * same
+
+
+@pytest.mark.parametrize("mask_size", [16, 32])
+def test_refinement_corrects_the_coarse_mask_from_the_window(mask_size: int) -> None:
+    """refine_channels adds a small CNN over the window's pixels (at mask resolution) and the
+    coarse logits; it trains with the rest, and 0 leaves the paper's DeepMask untouched."""
+    torch.manual_seed(0)
+    plain = build_deepmask(patch_size=32, mask_size=mask_size)
+    torch.manual_seed(0)
+    net = build_deepmask(patch_size=32, mask_size=mask_size, refine_channels=4)
+    assert plain.refine is None and net.refine is not None
+    x = torch.rand(3, 1, 32, 32)
+    with torch.no_grad():
+        masks, scores = net.eval()(x)
+        coarse, same_scores = plain.eval()(x)  # same seed, same trunk and branches
+    assert masks.shape == coarse.shape == (3, mask_size, mask_size)
+    assert torch.equal(scores, same_scores) and not torch.allclose(masks, coarse)
+    assert torch.allclose(masks, net.refined(x, coarse))
+    net.train()(x)[0].sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.refine.parameters())
+
+
+def test_only_the_top_windows_are_refined_each_on_its_own_pixels() -> None:
+    torch.manual_seed(0)
+    net = build_deepmask(patch_size=32, mask_size=16, refine_channels=4).eval()
+    image = torch.zeros(1, 80, 72)
+    image[:, 20:50, 24:44] = torch.rand(30, 20)
+    with torch.no_grad():
+        props = multiscale_proposals(net, image, scales=(1.0, 0.5), top_k=12, refine_top=5)
+        refine, net.refine = net.refine, None
+        coarse = multiscale_proposals(net, image, scales=(1.0, 0.5), top_k=12)
+        net.refine = refine
+        assert torch.equal(props.windows, coarse.windows)
+        assert torch.equal(props.masks[5:], coarse.masks[5:])  # past refine_top: coarse
+        for k in range(5):  # the window's own pixels, cut by hand from the resized image
+            side = props.windows[k, 2] - props.windows[k, 0]
+            s = 32 / float(side)
+            small = F.interpolate(image[None], scale_factor=s, mode="bilinear", antialias=s < 1)
+            padded = F.pad(small, (16, 16, 16, 16))
+            x0, y0 = (props.windows[k, :2] * s).round().long().tolist()
+            crop = padded[..., y0 + 16 : y0 + 48, x0 + 16 : x0 + 48]
+            want = net.refined(crop, coarse.masks[k : k + 1])[0]
+            assert torch.allclose(props.masks[k], want, atol=1e-5)
 
 
 def test_resnet_trunk_stride_16() -> None:

@@ -66,6 +66,7 @@ class DeepMask(nn.Module):
         rank: int = 64,
         score_hidden: int = 128,
         dropout: float = 0.3,
+        refine_channels: int = 0,
         mean: Sequence[float] = DIGITS_STATS[0],
         std: Sequence[float] = DIGITS_STATS[1],
     ) -> None:
@@ -89,6 +90,18 @@ class DeepMask(nn.Module):
             nn.Conv2d(reduce_channels, score_hidden, (h, w)), nn.ReLU(inplace=True),
             nn.Dropout(dropout), nn.Conv2d(score_hidden, 1, 1),
         )  # fmt: skip
+        # SharpMask-style refinement (Pinheiro, Lin, Collobert, Dollar, ECCV 2016), optional: 3x3
+        # convs over the window's own pixels (at mask resolution) and the coarse mask logits
+        # predict a correction to those logits. The coarse mask, read through the trunk's
+        # stride, knows which object is centred; the pixels say where its edges are.
+        self.refine = None
+        if refine_channels > 0:
+            r = refine_channels
+            self.refine = nn.Sequential(
+                nn.Conv2d(in_channels + 1, r, 3, padding=1), nn.ReLU(inplace=True),
+                nn.Conv2d(r, r, 3, padding=1), nn.ReLU(inplace=True),
+                nn.Conv2d(r, 1, 3, padding=1),
+            )  # fmt: skip
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
 
@@ -120,7 +133,19 @@ class DeepMask(nn.Module):
                 f"{tuple(x.shape[-2:])}; use dense() on whole images"
             )
         masks, scores = self.dense(x)  # (B, m*m, 1, 1), (B, 1, 1)
-        return masks[:, :, 0, 0].unflatten(1, (self.mask_size, self.mask_size)), scores[:, 0, 0]
+        masks = masks[:, :, 0, 0].unflatten(1, (self.mask_size, self.mask_size))
+        return self.refined(x, masks), scores[:, 0, 0]
+
+    def refined(self, windows: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """Windows (B, C, P, P) in [0, 1] and their coarse mask logits (B, m, m) -> the refined
+        logits (B, m, m); the coarse ones when the net has no refinement."""
+        if self.refine is None or not len(masks):
+            return masks
+        m = self.mask_size
+        if windows.shape[-1] != m:  # the pixels at the mask's resolution (COCO: 224 -> 56)
+            windows = F.interpolate(windows, size=(m, m), mode="bilinear", antialias=True)
+        x = torch.cat([(windows - self.mean) / self.std, masks[:, None].to(windows.dtype)], 1)
+        return masks + self.refine(x)[:, 0].to(masks.dtype)
 
     def upsample(self, masks: torch.Tensor) -> torch.Tensor:
         """(B, m, m) mask logits -> (B, P, P): bilinear, as the paper's final upsampling."""
@@ -139,6 +164,7 @@ def build_deepmask(
     rank: int = 64,
     score_hidden: int = 128,
     dropout: float = 0.3,
+    refine_channels: int = 0,
     normalize: str = "digits",
 ) -> DeepMask:
     """DeepMask on the conv stages of classifier `backbone` (see `build_trunk` for `weights`).
@@ -160,6 +186,7 @@ def build_deepmask(
         rank=rank,
         score_hidden=score_hidden,
         dropout=dropout,
+        refine_channels=refine_channels,
         mean=mean,
         std=std,
     )
@@ -200,17 +227,24 @@ def window_grid(ny: int, nx: int, *, stride: int, patch_size: int, scale: float)
 
 @torch.no_grad()
 def multiscale_proposals(
-    net: DeepMask, image: torch.Tensor, *, scales: Sequence[float], top_k: int = 1000
+    net: DeepMask,
+    image: torch.Tensor,
+    *,
+    scales: Sequence[float],
+    top_k: int = 1000,
+    refine_top: int | None = None,
 ) -> Proposals:
     """Dense DeepMask over one image (C, H, W) in [0, 1] at every scale; the top_k windows.
 
+    A net with refinement refines the masks of the best `refine_top` windows (None: all top_k),
+    as SharpMask refines only its top-scoring windows: each costs a small CNN on its pixels.
     At scale s the image is resized by s and padded with P/2 zeros (black) on each side, so a
     window is centred on every stride-th pixel of the resized image, borders included. Window
     (i, j) is centred on (j * stride, i * stride) resized pixels: (x - P/2) / s .. (x + P/2) / s
     in image pixels. Scores of all scales are ranked together (paper: no NMS).
     """
-    p = net.patch_size
-    scores, windows, masks = [], [], []
+    p, mm = net.patch_size, net.mask_size
+    scores, windows, masks, padded, grids = [], [], [], [], []
     for s in scales:
         x = F.pad(_resize(image[None].float(), s), (p // 2, p - p // 2, p // 2, p - p // 2))
         m, sc = net.dense(x)  # (1, m*m, ny, nx), (1, ny, nx)
@@ -218,14 +252,39 @@ def multiscale_proposals(
         windows.append(window_grid(ny, nx, stride=net.stride, patch_size=p, scale=s))
         scores.append(sc.flatten())  # (ny*nx,)
         masks.append(m[0].flatten(1).T)  # (ny*nx, m*m)
+        padded.append(x[0])
+        grids.append((ny, nx))
     score = torch.cat(scores).float()
     order = score.argsort(descending=True)[:top_k]
-    mm = net.mask_size
-    return Proposals(
-        scores=score[order].sigmoid(),
-        windows=torch.cat(windows)[order],
-        masks=torch.cat(masks)[order].float().unflatten(1, (mm, mm)),
-    )
+    top = torch.cat(masks)[order].float().unflatten(1, (mm, mm))  # (K, m, m)
+    if net.refine is not None:
+        r = order[: top_k if refine_top is None else refine_top]
+        crops = _crops(padded, grids, r, stride=net.stride, size=p)
+        top = torch.cat([net.refined(crops, top[: len(r)]).float(), top[len(r) :]])
+    return Proposals(scores=score[order].sigmoid(), windows=torch.cat(windows)[order], masks=top)
+
+
+def _crops(
+    padded: list[torch.Tensor],
+    grids: list[tuple[int, int]],
+    order: torch.Tensor,
+    *,
+    stride: int,
+    size: int,
+) -> torch.Tensor:
+    """The windows `order` (indices into every scale's row-major cells, concatenated) cut from
+    the padded resized images (C, H_s, W_s): (K, C, size, size). Cell (i, j) of a scale starts
+    at (i * stride, j * stride) of its padded image."""
+    out = torch.empty(len(order), padded[0].shape[0], size, size, device=order.device)
+    first, ar = 0, torch.arange(size, device=order.device)
+    for x, (ny, nx) in zip(padded, grids, strict=True):
+        hit = (order >= first) & (order < first + ny * nx)
+        cell = order[hit] - first
+        rows = (cell // nx * stride)[:, None] + ar  # (k, size)
+        cols = (cell % nx * stride)[:, None] + ar
+        out[hit] = x[:, rows[:, :, None], cols[:, None, :]].transpose(0, 1)  # (k, C, size, size)
+        first += ny * nx
+    return out
 
 
 def paste_masks(
