@@ -186,6 +186,11 @@ def test_sampled_windows_follow_the_rule() -> None:
     again = tiny_data(train_length=200)
     again.setup("fit")
     assert torch.equal(again.train_dataloader().dataset[7][0], windows[7][0])  # fixed seeds
+    batch = windows.__getitems__(list(range(20, 52)))  # what the DataLoader calls: one cut
+    for got, want in zip(batch, (windows[i] for i in range(20, 52)), strict=True):
+        assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    with pytest.raises(IndexError, match="out of range"):
+        windows.__getitems__([0, 200])
 
 
 def test_eval_scenes_hold_instance_masks() -> None:
