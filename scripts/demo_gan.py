@@ -19,6 +19,8 @@
 from __future__ import annotations
 
 import csv
+import importlib
+import inspect
 import json
 import math
 import shutil
@@ -34,8 +36,9 @@ import matplotlib  # noqa: E402
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+import yaml  # noqa: E402
 
-from scripts.demo import fit_args, in_processes, run_config  # noqa: E402
+from scripts.demo import CONFIGS, fit_args, free_cores, in_processes, run_config  # noqa: E402
 from scripts.gan_features_svm import run_svm  # noqa: E402
 from scripts.train import main as cli_main  # noqa: E402
 
@@ -52,6 +55,7 @@ GAN_OVERRIDES = [
     "--trainer.num_sanity_val_steps=0",
 ]
 METRICS = ("fid", "fid_floor", "digit_confidence", "class_entropy")
+SVM_SEEDS = (0, 1, 2)  # label draws
 SVM_BUDGETS = (10,)  # 100 labels/class: add it here (about 100 s per seed and feature set)
 LN10 = math.log(10)
 
@@ -142,13 +146,39 @@ def plot_fid(runs: dict[str, Path], path: Path) -> None:
     plt.close(fig)
 
 
-def train_gans(root: Path, judge: Path) -> dict[str, dict[str, Any]]:
+def config_hparams(config: str) -> dict[str, Any]:
+    """The model's hyper-parameters as a run of `config` saves them: its class's defaults
+    updated by the config's init_args (what the random-D baseline needs before any run)."""
+    model = yaml.safe_load((CONFIGS / config).read_text())["model"]
+    module_name, cls_name = model["class_path"].rsplit(".", 1)
+    cls = getattr(importlib.import_module(module_name), cls_name)
+    defaults = {
+        k: v.default
+        for k, v in inspect.signature(cls.__init__).parameters.items()
+        if v.default is not inspect.Parameter.empty
+    }
+    return defaults | model.get("init_args", {})
+
+
+def _gan_topic_job(kind: str, *args: Any) -> dict[str, Any]:
+    """One job of the GAN topic's process pool: a GAN's training, or the SVM baselines."""
+    if kind == "gan":
+        return train_gan(*args)
+    hp, budgets, seeds = args
+    return run_svm(None, budgets, seeds, sets=("random_d", "pixels"), hp=hp)
+
+
+def train_gans(root: Path, judge: Path) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
     """Both GANs at once, one process each: one thread per GAN keeps its numbers the same on
-    any machine, and the processes use the cores that one thread per process leaves free."""
-    configs = list(GANS.values())
-    jobs = [(c, f"gan_{Path(c).stem}", root, judge) for c in configs]
-    results = in_processes(train_gan, jobs, threads=THREADS)
-    return dict(zip(GANS, results, strict=True))
+    any machine, and the processes use the cores that one thread per process leaves free.
+    The SVM's baselines (random-D and pixel features: no trained GAN needed) take the first
+    core a GAN frees (the MLP GAN finishes first), while DCGAN still trains.
+
+    Returns the GANs' results and the baselines' SVM rows."""
+    jobs = [("gan", c, f"gan_{Path(c).stem}", root, judge) for c in GANS.values()]
+    jobs.append(("svm", config_hparams(GANS["DCGAN"]), SVM_BUDGETS, SVM_SEEDS))
+    *results, baselines = in_processes(_gan_topic_job, jobs, threads=THREADS)
+    return dict(zip(GANS, results, strict=True)), baselines
 
 
 def demo(out: Path) -> dict[str, Any]:
@@ -159,7 +189,7 @@ def demo(out: Path) -> dict[str, Any]:
         root = out / "runs"
         judge = classifier_weights(root)
         print(f"[gan] {', '.join(GANS)}: {EPOCHS} epochs of training each, in parallel")
-        gans = train_gans(root, judge)
+        gans, baselines = train_gans(root, judge)
         runs = {label: Path(g["run"]) for label, g in gans.items()}
         for label, g in gans.items():
             g["figure"] = f"{runs[label].parent.name}_samples.png"
@@ -173,8 +203,13 @@ def demo(out: Path) -> dict[str, Any]:
         shutil.copy(_last_image(runs["DCGAN"], "val_interpolation"), out / "gan_interpolation.png")
         plot_fid(runs, out / "gan_fid.png")
         t0 = time.perf_counter()
-        svm = run_svm(gans["DCGAN"]["ckpt"], SVM_BUDGETS, (0, 1, 2))  # the FID's checkpoint
-        svm["seconds"] = round(time.perf_counter() - t0, 1)
+        # D of the FID's checkpoint; its SVM's CV fits over the cores the GANs have freed
+        dcgan = gans["DCGAN"]["ckpt"]
+        svm = run_svm(dcgan, SVM_BUDGETS, SVM_SEEDS, free_cores(), sets=("trained_d",))
+        if baselines["d"] != svm["d"]:  # the random D must be the trained D's architecture
+            raise RuntimeError(f"random D {baselines['d']} differs from {dcgan}'s D {svm['d']}")
+        svm["rows"] += baselines["rows"]
+        svm["seconds_after_training"] = round(time.perf_counter() - t0, 1)
     finally:
         torch.set_num_threads(threads)
     return {

@@ -93,9 +93,16 @@ def d_features(net: nn.Module, images: torch.Tensor, batch_size: int = 250) -> n
 
 
 def svm_accuracy(
-    train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray
+    train_x: np.ndarray,
+    train_y: np.ndarray,
+    test_x: np.ndarray,
+    test_y: np.ndarray,
+    n_jobs: int = 1,
 ) -> tuple[float, float]:
-    """Test accuracy of a linear L2-SVM on standardised features, C by CV; (accuracy, C)."""
+    """Test accuracy of a linear L2-SVM on standardised features, C by CV; (accuracy, C).
+
+    n_jobs: processes for the CV fits (joblib); the result does not depend on it (the dual
+    solver's shuffling is seeded, not drawn from each process's global RNG)."""
     fewest = int(np.bincount(train_y)[np.unique(train_y)].min())
     if fewest < MIN_LABELS_PER_CLASS:
         raise ValueError(
@@ -103,34 +110,65 @@ def svm_accuracy(
             f"the minimum label budget is {MIN_LABELS_PER_CLASS} per class"
         )
     folds = min(5, fewest)
-    svm = make_pipeline(StandardScaler(), LinearSVC(loss="squared_hinge", max_iter=20000))
+    svm = make_pipeline(
+        StandardScaler(), LinearSVC(loss="squared_hinge", max_iter=20000, random_state=0)
+    )
     search = GridSearchCV(
         svm,
         {"linearsvc__C": list(C_GRID)},
         cv=StratifiedKFold(folds, shuffle=True, random_state=0),
+        n_jobs=n_jobs,
     )
     search.fit(train_x, train_y)
     return float(search.score(test_x, test_y)), float(search.best_params_["linearsvc__C"])
 
 
+FEATURE_SETS = ("trained_d", "random_d", "pixels")
+
+
 def run_svm(
-    ckpt: str | Path,
+    ckpt: str | Path | None,
     labels_per_class: list[int] | tuple[int, ...] = (10,),
     seeds: tuple[int, ...] = (0, 1, 2),
+    n_jobs: int = 1,
+    *,
+    sets: tuple[str, ...] = FEATURE_SETS,
+    hp: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """SVM accuracies on trained-D, random-D and pixel features for each label budget."""
-    torch.manual_seed(0)
-    trained, hp = load_discriminator(ckpt)
+    """SVM accuracies on trained-D, random-D and pixel features (`sets`) for each label budget;
+    the cross-validation fits (225 of ~0.13 s at 10 labels/class) in `n_jobs` processes.
+
+    ckpt: the GAN checkpoint (needed for trained_d; its config gives random_d's architecture).
+    hp: the DCGANModule's hyper-parameters instead of ckpt's, for random_d and pixels alone:
+    the baselines need no trained GAN, so they can run while it trains (scripts/demo_gan.py).
+    """
+    unknown = set(sets) - set(FEATURE_SETS)
+    if unknown:
+        raise ValueError(f"unknown feature sets {sorted(unknown)}; valid: {FEATURE_SETS}")
+    trained = None
+    if ckpt is not None:
+        trained, hp = load_discriminator(ckpt)
+    if hp is None or ("trained_d" in sets and trained is None):
+        raise ValueError(
+            "run_svm needs the GAN checkpoint (or its hyper-parameters, without trained_d)"
+        )
     size, channels = hp.get("image_size", 32), hp.get("channels", 1)
-    random_d = build_discriminator(**_d_kwargs(hp)).eval()  # same architecture, N(0, 0.02) init
     split = load_mnist5k()
     images = {s: digits_images(s, size, channels) for s in ("train", "test")}  # (N, C, S, S)
     labels = {s: split[s].labels for s in ("train", "test")}
-    features = {
-        "trained_d": {s: d_features(trained, images[s]) for s in images},
-        "random_d": {s: d_features(random_d, images[s]) for s in images},
-        "pixels": {s: images[s].flatten(1).numpy() for s in images},
-    }
+    features: dict[str, dict[str, np.ndarray]] = {}
+    for name in sets:
+        if name == "trained_d":
+            features[name] = {s: d_features(trained, images[s]) for s in images}
+        elif name == "random_d":
+            # same architecture, N(0, 0.02) init: the second net drawn after seed 0 (the first
+            # is the skeleton the trained weights load into), the same net every run
+            torch.manual_seed(0)
+            build_discriminator(**_d_kwargs(hp))
+            random_d = build_discriminator(**_d_kwargs(hp)).eval()
+            features[name] = {s: d_features(random_d, images[s]) for s in images}
+        else:
+            features[name] = {s: images[s].flatten(1).numpy() for s in images}
     rows = []
     for name, feats in features.items():
         for budget in labels_per_class:
@@ -138,8 +176,9 @@ def run_svm(
             for seed in seeds:
                 idx = budget_indices(labels["train"], budget, seed)
                 acc, c = svm_accuracy(
-                    feats["train"][idx], labels["train"][idx], feats["test"], labels["test"]
-                )
+                    feats["train"][idx], labels["train"][idx], feats["test"], labels["test"],
+                    n_jobs,
+                )  # fmt: skip
                 accs.append(acc)
                 cs.append(c)
             rows.append(
@@ -157,7 +196,8 @@ def run_svm(
                 f"[svm] {name:9s} {budget:>3} labels/class  dim {rows[-1]['dim']:>5}  "
                 f"test/svm_acc {np.mean(accs):.3f} ± {np.std(accs):.3f}"
             )
-    return {"ckpt": str(ckpt), "arch": hp.get("arch"), "seeds": list(seeds), "rows": rows}
+    arch = hp.get("arch")
+    return {"ckpt": str(ckpt), "arch": arch, "d": _d_kwargs(hp), "seeds": list(seeds), "rows": rows}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -168,6 +208,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--labels-per-class", nargs="+", type=int, default=[10])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="label draws")
     parser.add_argument("--out", type=Path, default=None, help="JSON file (default: stdout only)")
+    parser.add_argument("--jobs", type=int, default=1, help="processes for the SVM's CV fits")
     args = parser.parse_args(argv)
     low = MIN_LABELS_PER_CLASS
     if any(not low <= n <= 400 for n in args.labels_per_class):
@@ -177,7 +218,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "cross-validation; the train split has 400 per class)"
         )
     try:
-        result = run_svm(args.ckpt, args.labels_per_class, tuple(args.seeds))
+        result = run_svm(args.ckpt, args.labels_per_class, tuple(args.seeds), args.jobs)
     except (OSError, ValueError) as err:
         sys.exit(f"error: {err}")
     text = json.dumps(result, indent=2) + "\n"

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+import yaml
 from lightning.fabric.utilities.data import _replace_dunder_methods
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.trainer.connectors.data_connector import _get_distributed_sampler
@@ -369,3 +370,19 @@ def test_svm_label_budget_below_the_cross_validation_minimum_is_a_clear_error(
     x, y = np.zeros((3, 4)), np.array([0, 1, 1])
     with pytest.raises(ValueError, match=r"1 labelled example\(s\) per class .* minimum .* is 2"):
         gan_features_svm.svm_accuracy(x, y, x, y)
+
+
+def test_svm_baselines_need_no_checkpoint_and_match_the_configs_d() -> None:
+    """The demo runs the random-D and pixel baselines while DCGAN trains: from the config's
+    hyper-parameters, which must give the D a DCGANModule of that config builds."""
+    from lit_modules.gan import DCGANModule
+    from scripts.demo_gan import config_hparams
+
+    hp = config_hparams("gan/digits_dcgan.yaml")
+    args = yaml.safe_load(Path("configs/gan/digits_dcgan.yaml").read_text())["model"]["init_args"]
+    module = DCGANModule(**args)
+    assert gan_features_svm._d_kwargs(hp) == gan_features_svm._d_kwargs(dict(module.hparams))
+    with pytest.raises(ValueError, match="needs the GAN checkpoint"):
+        gan_features_svm.run_svm(None, sets=("trained_d",), hp=hp)
+    with pytest.raises(ValueError, match="unknown feature sets"):
+        gan_features_svm.run_svm(None, sets=("sift",), hp=hp)
