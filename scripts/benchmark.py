@@ -27,6 +27,8 @@ does):
 - The digits classifier also keeps its epoch-level figures: Lightning vs plain with its
   DataLoader, bf16-mixed vs fp32 with test accuracy after the same epochs, and (issue 11) a
   dense class map vs sliding-window crops.
+- Segmentation also times one 512x512 forward of the paper's VGG16 FCN-8s, torchvision's
+  fcn_resnet50 and the digits FCN-8s (images/s: an absolute figure, the only one here).
 
 Threads default to 1: on a small machine shared with other jobs, several OpenMP threads per
 process oversubscribe the cores and a step's time swings from run to run; one thread keeps the
@@ -294,6 +296,18 @@ def measure_roi_align(repeats: int, seed: int) -> dict[str, Any]:
     return out
 
 
+def measure_fcn_forward(size: int, repeats: int) -> dict[str, Any]:
+    """Images/s of one (1, C, size, size) FCN forward (random weights): the paper's VGG16
+    FCN-8s, torchvision's fcn_resnet50 and the digits trunk; `repeats` timed passes after one
+    warm-up pass (each VGG16 pass at 512 px takes ~2 s on 2 cores: moved here from the demo)."""
+    from scripts.demo_segmentation import forward_speed
+
+    speeds = forward_speed(size, reps=repeats)
+    return {"size": size, "repeats": repeats} | {
+        label: {"images_per_s": v} for label, v in speeds.items()
+    }
+
+
 def _table(title: str, header: list[str], rows: list[list[str]], *notes: str) -> list[str]:
     lines = [f"## {title}", "", "| " + " | ".join(header) + " |"]
     lines.append("|---|" + "---:|" * (len(header) - 1))
@@ -419,6 +433,14 @@ def markdown(result: dict[str, Any]) -> str:
                 if isinstance(r, dict)
             ],
         )  # fmt: skip
+    if "fcn_forward" in result:
+        f = result["fcn_forward"]
+        lines += _table(
+            f"FCN forward on the CPU: one {f['size']}x{f['size']} image, random weights",
+            ["net", "images/s"],
+            [[n, f"{r['images_per_s']:.2f}"] for n, r in f.items() if isinstance(r, dict)],
+            f"Mean of {f['repeats']} passes after one warm-up pass.",
+        )
     if "roi_align" in result:
         lines += _table(
             "RoIAlign forward + backward: torchvision's CPU kernel vs one embedding_bag (roi_ops)",
@@ -484,6 +506,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             print("detection: RoIAlign, torchvision vs embedding_bag ...", flush=True)
             result["roi_align"] = noted(measure_roi_align, args.repeats, args.seed)
         result["modules"][name] = figures
+    if "segmentation" in args.modules:
+        print("segmentation: FCN forward at 512x512 ...", flush=True)
+        result["fcn_forward"] = noted(measure_fcn_forward, 64 if quick else 512, args.repeats)
     if "classification" in args.modules:
         limit, dm, epoch = 2 if quick else None, make_data(), {}
         print(f"classifier epoch, Lightning vs plain: {args.repeats} alternated ...", flush=True)

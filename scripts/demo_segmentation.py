@@ -5,8 +5,9 @@
 
 `demo(out)` trains both configs through scripts/train.py's CLI (fit, then test on the fixed test
 scenes): FCN-32s first, whose best weights (ExportWeights) initialise FCN-8s, as Long et al. stage
-their nets. It then measures CPU forward speed at 512x512 and writes the overlay figure into
-`out`; `report(result)` gives its REPORT.md section. scripts/demo.py lists it among its topics.
+their nets, and writes the overlay figure into `out`; `report(result)` gives its REPORT.md
+section. scripts/demo.py lists it among its topics. The CPU forward speed at 512x512 (VGG16
+FCN-8s, torchvision's fcn_resnet50, the digits trunk) is `scripts/benchmark.py`'s (`--speed` here).
 """
 
 from __future__ import annotations
@@ -124,17 +125,7 @@ def demo(out: Path) -> dict[str, Any]:
         scores = "  ".join(f"{k} {metrics[f'test/{k}']:.3f}" for k in FCN_SCORES)
         print(f"[segmentation] {label}: {scores}  {seconds:.0f}s")
     plot_overlays(pictures, out / FIGURE)
-    speed = forward_speed()  # after training: its threads are the ones training used
-    print(
-        "[segmentation] CPU forward at 512x512: "
-        + ", ".join(f"{k} {v:.2f} img/s" for k, v in speed.items())
-    )
-    return {
-        "rows": rows,
-        "speed_512": speed,
-        "threads": torch.get_num_threads(),
-        "figure": FIGURE,
-    }
+    return {"rows": rows, "threads": torch.get_num_threads(), "figure": FIGURE}
 
 
 def report(result: dict[str, Any]) -> list[str]:
@@ -168,12 +159,9 @@ def report(result: dict[str, Any]) -> list[str]:
         "",
         f"![segmentation overlays]({result['figure']})",
         "",
-        f"CPU forward speed, one 512x512 image ({result['threads']} threads, random weights):",
-        "",
-        "| net | images/s |",
-        "|---|---|",
+        "CPU forward speed of the paper's VGG16 FCN-8s at 512x512: `make benchmark` (BENCHMARK.md),",
+        "or `python scripts/demo_segmentation.py --speed`.",
     ]
-    lines += [f"| {k} | {v:.2f} |" for k, v in result["speed_512"].items()]
     return lines
 
 

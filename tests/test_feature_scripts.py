@@ -186,6 +186,14 @@ def test_benchmark_roi_align_figure(quick_run: tuple[dict, Path]) -> None:
     assert "RoIAlign forward + backward" in (quick_run[1] / "BENCHMARK.md").read_text()
 
 
+def test_benchmark_fcn_forward_figure(quick_run: tuple[dict, Path]) -> None:
+    f = quick_run[0]["fcn_forward"]  # moved from the segmentation demo (--quick: 64 px)
+    assert f["size"] == 64 and f["repeats"] == 1
+    nets = [v for v in f.values() if isinstance(v, dict) and "images_per_s" in v]
+    assert len(nets) == 3 and all(v["images_per_s"] > 0 for v in nets)
+    assert "FCN forward on the CPU" in (quick_run[1] / "BENCHMARK.md").read_text()
+
+
 def test_benchmark_map_backends_agree(quick_run: tuple[dict, Path]) -> None:
     m = quick_run[0]["modules"]["detection"]["map_backends"]
     assert m["pycocotools_s"] > 0 and m["faster_coco_eval_s"] > 0 and math.isfinite(m["ratio"])
