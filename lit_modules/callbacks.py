@@ -39,12 +39,29 @@ def free_path(path: Path) -> Path:
     return candidate
 
 
+def can_fuse(params: Any) -> bool:
+    """Fused SGD / Adam(W) take floating-point parameters on CPU or CUDA (not MPS / XLA here);
+    `params` as an optimizer takes them: tensors or parameter groups."""
+    params = list(params)
+    tensors = [t for g in params for t in (g["params"] if isinstance(g, dict) else [g])]
+    return bool(tensors) and all(
+        t.is_floating_point() and t.device.type in ("cpu", "cuda") for t in tensors
+    )
+
+
 def make_optimizer(params: Any, hp: Any) -> torch.optim.Optimizer:
     """`hp.optimizer` sgd (momentum, weight decay) or adamw (decoupled weight decay) at `hp.lr`,
-    over parameters or parameter groups: the choice every trained module's config offers."""
+    over parameters or parameter groups: the choice every trained module's config offers.
+
+    Fused: one kernel updates every parameter, where PyTorch's CPU default loops over them in
+    small ops (AdamW 1.0 vs 7.8 ms a step for the digits CNN's 0.9M parameters, one thread)."""
+    params = list(params)
+    fused = can_fuse(params)
     if hp.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
-    return torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
+        return torch.optim.SGD(
+            params, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay, fused=fused
+        )
+    return torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay, fused=fused)
 
 
 def check_data_classes(module: Any) -> None:

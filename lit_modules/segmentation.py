@@ -20,7 +20,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassConfusionMatrix
 from torchvision.utils import draw_segmentation_masks
 
-from lit_modules.callbacks import check_choice, check_labels
+from lit_modules.callbacks import can_fuse, check_choice, check_labels
 from lit_modules.guard import NonFinitePolicy, finite_loss
 from lit_modules.metrics import fcn_scores
 from lit_modules.nets.fcn import ARCHS, FCN, build_fcn
@@ -46,13 +46,6 @@ def overlay(
         masks = lab[None] == classes[:, None, None].cpu()  # (K-1, H, W) bool
         out.append(draw_segmentation_masks(img, masks, alpha=0.6, colors=palette[1:]))
     return torch.stack(out)
-
-
-def _can_fuse(params: list[torch.Tensor]) -> bool:
-    """Fused AdamW takes floating-point parameters on CPU or CUDA (not MPS / XLA here)."""
-    return bool(params) and all(
-        p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params
-    )
 
 
 class FCNModule(LightningModule):
@@ -271,7 +264,7 @@ class FCNModule(LightningModule):
         else:
             # fused: one kernel for every parameter's update instead of a loop of small ops
             opt = torch.optim.AdamW(
-                params, lr=hp.lr, weight_decay=hp.weight_decay, fused=_can_fuse(params)
+                params, lr=hp.lr, weight_decay=hp.weight_decay, fused=can_fuse(params)
             )
         if hp.scheduler == "none":
             return opt
