@@ -129,6 +129,8 @@ def test_only_the_top_windows_are_refined_each_on_its_own_pixels() -> None:
             crop = padded[..., y0 + 16 : y0 + 48, x0 + 16 : x0 + 48]
             want = net.refined(crop, coarse.masks[k : k + 1])[0]
             assert torch.allclose(props.masks[k], want, atol=1e-5)
+        blank = multiscale_proposals(net, torch.zeros(1, 40, 40), scales=(1.0,), top_k=8)
+    assert blank.masks.shape == (8, 16, 16) and torch.isfinite(blank.masks).all()  # no object
 
 
 def test_resnet_trunk_stride_16() -> None:
