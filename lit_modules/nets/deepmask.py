@@ -11,13 +11,17 @@ output is (B, *, 1, 1); on a larger image every map cell is one window (stride =
 - mask branch: 1x1 conv + ReLU, then the paper's low-rank "fully connected" pixel classifiers:
   (map-sized conv to `rank`) and (1x1 conv to mask_size^2), no nonlinearity between them. The
   (mask_size x mask_size) logits are upsampled bilinearly to the window (paper: 56 -> 224).
+- refinement (optional, `refine_channels` > 0; SharpMask-style, Pinheiro et al. 2016): three 3x3
+  convs over the window's pixels (at mask resolution) and the coarse mask logits add a correction
+  to those logits; the paper's DeepMask has none (0, the default).
 - score branch: 1x1 conv + ReLU, a map-sized conv to `score_hidden` + ReLU + dropout, 1x1 conv to
   one logit. The paper max-pools 2x2 before its FC layers; a conv over the whole map instead keeps
   the dense score map at the trunk's stride, the same grid as the masks.
 
-`multiscale_proposals` runs the net densely over a whole image at several scales and keeps the
-top-k windows by score; `paste_masks` puts their masks back at image resolution. The net takes
-images in [0, 1] and normalises them itself. Nothing here imports Lightning.
+`multiscale_proposals` runs the net densely over a whole image at several scales (in fp32) and
+keeps the top-k windows by score, refining the masks of the best `refine_top`; `paste_masks`
+puts their masks back at image resolution. The net takes images in [0, 1] and normalises them
+itself. Nothing here imports Lightning.
 """
 
 from __future__ import annotations
