@@ -121,12 +121,15 @@ def selective_search_boxes(image: torch.Tensor, mode: str, max_proposals: int) -
 # ----------------------------------------------------------------------------- proposals
 
 
-def _net(model: DeepMask | LightningModule) -> DeepMask:
-    return model.net if isinstance(model, DeepMaskModule) else model  # type: ignore[return-value]
-
-
-def _refine_top(model: DeepMask | LightningModule) -> int | None:
-    return model.hparams.refine_top if isinstance(model, DeepMaskModule) else None
+def _inference(
+    model: DeepMask | LightningModule,
+) -> tuple[DeepMask, tuple[float, ...], int | None, float]:
+    """The net, its scales, refine_top and mask threshold (a probability): a DeepMaskModule's
+    hyperparameters, or a bare net's defaults (one scale, all top windows refined, 0.5)."""
+    if isinstance(model, DeepMaskModule):
+        hp = model.hparams
+        return model.net, tuple(hp.scales), hp.refine_top, hp.mask_threshold
+    return model, (1.0,), None, 0.5  # type: ignore[return-value]
 
 
 def deepmask_masks(
@@ -137,19 +140,16 @@ def deepmask_masks(
     top_k: int = 1000,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(C, H, W) image in [0, 1] -> masks (K, H, W) bool and scores (K,), best first."""
-    net, module = _net(model), isinstance(model, DeepMaskModule)
-    if scales is None:
-        scales = model.hparams.scales if module else (1.0,)
-    p = model.hparams.mask_threshold if module else 0.5
+    net, own_scales, refine_top, p = _inference(model)
     was = net.training
     net.eval()
     try:
         props = multiscale_proposals(
             net,
             image.to(net.mean.device),
-            scales=scales,
+            scales=own_scales if scales is None else scales,
             top_k=top_k,
-            refine_top=_refine_top(model),
+            refine_top=refine_top,
         )
     finally:
         net.train(was)
@@ -193,8 +193,7 @@ def time_proposals(
     masks pasted at image resolution, with `threads` torch threads; the load average beside."""
     import os
 
-    net, before = _net(model), torch.get_num_threads()
-    scales = model.hparams.scales if isinstance(model, DeepMaskModule) else (1.0,)
+    (net, scales, refine_top, _), before = _inference(model), torch.get_num_threads()
     torch.set_num_threads(threads)
     net.eval()
     dense, full = [], []
@@ -202,7 +201,7 @@ def time_proposals(
         for _ in range(repeats + 2):  # 2 warm-up runs (oneDNN primitives, allocator)
             t0 = time.perf_counter()
             props = multiscale_proposals(
-                net, image, scales=scales, top_k=top_k, refine_top=_refine_top(model)
+                net, image, scales=scales, top_k=top_k, refine_top=refine_top
             )
             t1 = time.perf_counter()
             paste_masks(props.masks, props.windows, tuple(image.shape[-2:]))
@@ -372,13 +371,7 @@ class DeepMaskModule(LightningModule):
     # ------------------------------------------------------------------ evaluation
 
     def _proposals(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        hp = self.hparams
-        props = multiscale_proposals(
-            self.net, image, scales=hp.scales, top_k=hp.top_k, refine_top=hp.refine_top
-        )
-        logit = math.log(hp.mask_threshold / (1 - hp.mask_threshold))
-        masks = paste_masks(props.masks, props.windows, tuple(image.shape[-2:]), logit)
-        return masks, props.scores
+        return deepmask_masks(self, image, top_k=self.hparams.top_k)  # this module's settings
 
     def _evaluate(self, batch: Batch, metric: ProposalRecall) -> list[torch.Tensor]:
         images, targets = batch
