@@ -72,6 +72,20 @@ def _worker_init(threads: int) -> None:
     quiet_lightning()  # a spawned process starts with no filters
 
 
+def process_pool(workers: int, *, threads: int = 1) -> ProcessPoolExecutor:
+    """`workers` spawned processes (no forked Lightning / OpenMP state), `threads` torch threads
+    each: for topics whose jobs depend on one another (submit, wait, submit more)."""
+    ctx = multiprocessing.get_context("spawn")
+    return ProcessPoolExecutor(
+        workers, mp_context=ctx, initializer=_worker_init, initargs=(threads,)
+    )
+
+
+def pool_workers(jobs: int, threads: int = 1) -> int:
+    """One process per `threads` cores this process may use, no more than there are jobs."""
+    return max(1, min(jobs, len(os.sched_getaffinity(0)) // threads))
+
+
 def in_processes(fn: Callable[..., Any], jobs: list[tuple], *, threads: int = 1) -> list[Any]:
     """`fn(*job)` for every job, over one spawned process per core, results in job order.
 
@@ -79,11 +93,7 @@ def in_processes(fn: Callable[..., Any], jobs: list[tuple], *, threads: int = 1)
     process on every core beats one process with every thread. A fixed `threads` per run also
     keeps the numbers the same on any machine (oneDNN sums per-thread partial gradients).
     """
-    workers = max(1, min(len(jobs), len(os.sched_getaffinity(0)) // threads))
-    ctx = multiprocessing.get_context("spawn")  # no forked Lightning / OpenMP state
-    with ProcessPoolExecutor(
-        workers, mp_context=ctx, initializer=_worker_init, initargs=(threads,)
-    ) as pool:
+    with process_pool(pool_workers(len(jobs), threads), threads=threads) as pool:
         return [job.result() for job in [pool.submit(fn, *j) for j in jobs]]
 
 
