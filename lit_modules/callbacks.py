@@ -49,6 +49,37 @@ def can_fuse(params: Any) -> bool:
     )
 
 
+def log_train_terms(
+    module: LightningModule,
+    terms: dict[str, torch.Tensor | float],
+    *,
+    batch_size: int | None = None,
+    prog_bar: tuple[str, ...] = ("loss",),
+) -> None:
+    """`module.log` of a training step's scalars as `train/<name>` (those in `prog_bar` on the
+    progress bar too), on the steps whose values Lightning writes to the loggers only.
+
+    A `self.log` call costs Lightning ~0.2 ms on CPU (its result collection moves the metric's
+    state to the value's device on every call): 4-5 calls a step were 3-5% of a 24-100 ms step.
+    A value logged on a step the loggers skip is overwritten unread, so these terms are logged
+    when `log_every_n_steps` says the step is written (the condition Lightning itself applies
+    after the step), and on an epoch's or the fit's last step, so that metrics.json ends with
+    the final values even in runs shorter than `log_every_n_steps`. The progress bar shows the
+    loss of the last written step.
+    """
+    trainer = module._trainer
+    connector = getattr(trainer, "_logger_connector", None)
+    if not (
+        connector is None
+        or getattr(connector, "should_update_logs", True)
+        or trainer.is_last_batch
+        or 0 < trainer.max_steps <= trainer.global_step + 1
+    ):
+        return
+    for name, value in terms.items():
+        module.log(f"train/{name}", value, prog_bar=name in prog_bar, batch_size=batch_size)
+
+
 def make_optimizer(params: Any, hp: Any) -> torch.optim.Optimizer:
     """`hp.optimizer` sgd (momentum, weight decay) or adamw (decoupled weight decay) at `hp.lr`,
     over parameters or parameter groups: the choice every trained module's config offers.

@@ -43,7 +43,7 @@ from torchvision.ops import box_iou, nms
 from torchvision.utils import draw_segmentation_masks, make_grid
 
 from datamodules.deepmask import segm_rows
-from lit_modules.callbacks import check_choice, make_optimizer
+from lit_modules.callbacks import check_choice, log_train_terms, make_optimizer
 from lit_modules.guard import NonFinitePolicy, finite_loss
 from lit_modules.metrics import ShardedListStates
 from lit_modules.nets.deepmask import (
@@ -365,7 +365,7 @@ class DeepMaskModule(LightningModule):
         terms = self.losses(*batch)
         if not finite_loss(self, terms, self.hparams.nonfinite_loss):
             return None
-        self.log_dict({f"train/{k}": v for k, v in terms.items()}, prog_bar=False)
+        log_train_terms(self, terms)
         return terms["loss"]
 
     # ------------------------------------------------------------------ evaluation

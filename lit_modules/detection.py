@@ -22,7 +22,13 @@ import numpy as np
 import torch
 from lightning.pytorch import LightningModule
 
-from lit_modules.callbacks import check_choice, check_data_classes, check_labels, make_optimizer
+from lit_modules.callbacks import (
+    check_choice,
+    check_data_classes,
+    check_labels,
+    log_train_terms,
+    make_optimizer,
+)
 from lit_modules.guard import NonFinitePolicy, finite_loss
 from lit_modules.metrics import ShardedMeanAveragePrecision, VOC07MeanAveragePrecision
 from lit_modules.nets.detectors import ARCHS, build_faster_rcnn
@@ -302,10 +308,7 @@ class FasterRCNNModule(DetectionScoring, LightningModule):
         loss = sum(losses.values())
         if not finite_loss(self, losses, self.hparams.nonfinite_loss):
             return None  # skipped: no backward, no optimizer step
-        n = len(images)
-        for key, value in losses.items():
-            self.log(f"train/{key}", value, batch_size=n)
-        self.log("train/loss", loss, prog_bar=True, batch_size=n)
+        log_train_terms(self, {**losses, "loss": loss}, batch_size=len(images))
         return loss
 
     def on_train_batch_start(self, batch: Batch, batch_idx: int) -> None:
@@ -315,7 +318,7 @@ class FasterRCNNModule(DetectionScoring, LightningModule):
         # forward + backward + optimizer step, data loading excluded: the cost of one step
         self._train_seconds += time.perf_counter() - self._step_start
         self._train_steps += 1
-        self.log("train/seconds_per_step", self._train_seconds / self._train_steps)
+        log_train_terms(self, {"seconds_per_step": self._train_seconds / self._train_steps})
 
     # ------------------------------------------------------------------ pictures
 

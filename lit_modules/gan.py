@@ -38,7 +38,7 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from torchvision.utils import make_grid
 
 from datamodules.digits import DIGITS_MEAN, DIGITS_STD
-from lit_modules.callbacks import check_choice
+from lit_modules.callbacks import check_choice, log_train_terms
 from lit_modules.guard import NonFinitePolicy, finite_loss
 from lit_modules.nets.gan_nets import DigitsJudge, build_discriminator, build_generator
 from lit_modules.visual import log_picture, run_dir
@@ -346,10 +346,9 @@ class DCGANModule(LightningModule):
         opt_g.zero_grad(set_to_none=True)
         self.manual_backward(loss_g)
         opt_g.step()
-        self.log_dict({"train/d_loss": loss_d, "train/g_loss": loss_g}, prog_bar=True)
-        self.log_dict(
-            {"train/d_real": d_real.sigmoid().mean(), "train/d_fake": d_fake.sigmoid().mean()}
-        )
+        terms = {"d_loss": loss_d, "g_loss": loss_g}
+        terms |= {"d_real": d_real.sigmoid().mean(), "d_fake": d_fake.sigmoid().mean()}
+        log_train_terms(self, terms, prog_bar=("d_loss", "g_loss"))
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         hp = self.hparams

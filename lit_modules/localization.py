@@ -26,7 +26,13 @@ from torch import nn
 from torchmetrics import Metric
 
 from datamodules.digits import DIGITS_MEAN, DIGITS_STD, IMAGENET_MEAN, IMAGENET_STD
-from lit_modules.callbacks import check_choice, check_data_classes, check_labels, make_optimizer
+from lit_modules.callbacks import (
+    check_choice,
+    check_data_classes,
+    check_labels,
+    log_train_terms,
+    make_optimizer,
+)
 from lit_modules.guard import NonFinitePolicy, finite_loss
 from lit_modules.nets.localization import (
     BOX_HEADS,
@@ -252,9 +258,7 @@ class BoxRegressor(LightningModule):
         if not finite_loss(self, terms, hp.nonfinite_loss):
             return None  # skipped: no backward, no optimizer step
         loss = loss_cls + hp.box_loss_weight * loss_box
-        for key, value in terms.items():
-            self.log(f"train/{key}", value, batch_size=len(labels))
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(labels))
+        log_train_terms(self, {**terms, "loss": loss}, batch_size=len(labels))
         return loss
 
     def _evaluate(self, batch: Batch, scores: LocalizationScores) -> dict[str, torch.Tensor]:

@@ -30,7 +30,13 @@ from torch import nn
 from torchvision.ops import box_iou
 from torchvision.transforms.v2.functional import normalize
 
-from lit_modules.callbacks import check_choice, check_data_classes, check_labels, make_optimizer
+from lit_modules.callbacks import (
+    check_choice,
+    check_data_classes,
+    check_labels,
+    log_train_terms,
+    make_optimizer,
+)
 from lit_modules.detection import OPTIMIZERS, DetectionScoring
 from lit_modules.guard import NonFinitePolicy, finite_loss
 from lit_modules.nets.rcnn import (
@@ -210,9 +216,7 @@ class _ProposalDetector(DetectionScoring, LightningModule):
         loss = sum(losses.values())
         if not finite_loss(self, losses, self.hparams.nonfinite_loss):
             return None
-        for key, value in losses.items():
-            self.log(f"train/{key}", value, batch_size=n)
-        self.log("train/loss", loss, prog_bar=True, batch_size=n)
+        log_train_terms(self, {**losses, "loss": loss}, batch_size=n)
         return loss
 
     # ------------------------------------------------------------------ optimisation

@@ -20,7 +20,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassConfusionMatrix
 from torchvision.utils import draw_segmentation_masks
 
-from lit_modules.callbacks import can_fuse, check_choice, check_labels
+from lit_modules.callbacks import can_fuse, check_choice, check_labels, log_train_terms
 from lit_modules.guard import NonFinitePolicy, finite_loss
 from lit_modules.metrics import fcn_scores
 from lit_modules.nets.fcn import ARCHS, FCN, build_fcn
@@ -178,7 +178,7 @@ class FCNModule(LightningModule):
         loss = self.criterion(self(x), y)
         if not finite_loss(self, {"loss": loss}, self.hparams.nonfinite_loss):
             return None  # skipped: no backward, no optimizer step
-        self.log("train/loss", loss, prog_bar=True)
+        log_train_terms(self, {"loss": loss})
         return loss
 
     def _evaluate(self, batch: tuple[torch.Tensor, torch.Tensor], cm: Any, stage: str) -> Any:

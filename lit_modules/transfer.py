@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from lit_modules.callbacks import check_choice, check_labels, make_optimizer
+from lit_modules.callbacks import check_choice, check_labels, log_train_terms, make_optimizer
 from lit_modules.guard import NonFinitePolicy, finite_loss
 from lit_modules.linear_probe import (
     FEATURES,
@@ -272,7 +272,7 @@ class TransferClassifier(LightningModule):
                 logits = self.net.forward_head(feats)
                 loss = self.criterion(logits, y)
             self.train_acc.update(logits, y)
-            self.log("train/loss", loss, prog_bar=True)
+            log_train_terms(self, {"loss": loss})
             # No gradients, so no parameter moves; the step only advances global_step, which
             # checkpointing (no save at an unchanged step) and logging go by.
             self.optimizers().step()
@@ -282,7 +282,7 @@ class TransferClassifier(LightningModule):
         if not finite_loss(self, {"loss": loss}, self.hparams.nonfinite_loss):
             return None  # skipped: no backward, no optimizer step
         self.train_acc.update(logits.detach(), y)  # epoch-level only: no per-step compute or log
-        self.log("train/loss", loss, prog_bar=True)
+        log_train_terms(self, {"loss": loss})
         return loss
 
     def on_train_epoch_end(self) -> None:
