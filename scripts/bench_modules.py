@@ -128,7 +128,7 @@ SPECS = {
         steps=6,
     ),
     "segmentation": Spec(
-        "configs/segmentation/digits_fcn8s.yaml", model={"num_sample_images": 0}, steps=8
+        "configs/segmentation/digits_fcn8s.yaml", model={"num_sample_images": 0}, steps=16
     ),
     "gan": Spec(
         "configs/gan/digits_dcgan.yaml",
