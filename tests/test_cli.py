@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import ipaddress
 import json
 import os
@@ -19,7 +20,13 @@ import yaml
 from lightning.pytorch import LightningModule, Trainer
 from torch.utils.data import DataLoader, TensorDataset
 
-from lit_modules.callbacks import BestAndLastCheckpoint, ExportWeights, MetricsJSON, PredictionsJSON
+from lit_modules.callbacks import (
+    BestAndLastCheckpoint,
+    ExportWeights,
+    MetricsJSON,
+    PredictionsJSON,
+    log_train_terms,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "scripts" / "train.py"
@@ -375,6 +382,70 @@ def _tiny_run(
     trainer.fit(model, loader, loader, ckpt_path=ckpt)
     if predict:
         trainer.predict(model, loader)
+
+
+class _Terms(LightningModule):
+    """Logs its loss through `log_train_terms`; remembers each step's loss and the logged steps."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(2, 1)
+        self.losses: dict[int, float] = {}
+        self.logged: list[int] = []
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        loss = self.layer(batch).pow(2).mean()
+        self.losses[self.global_step] = loss.item()
+        log_train_terms(self, {"loss": loss, "half": loss / 2})
+        return loss
+
+    def log(self, name: str, value: Any, *args: Any, **kwargs: Any) -> None:
+        if name == "train/loss":
+            self.logged.append(self.global_step)
+        super().log(name, value, *args, **kwargs)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def test_train_terms_are_logged_on_the_steps_the_logger_writes_and_the_last(
+    tmp_path: Path,
+) -> None:
+    """Per-step terms skip the steps Lightning does not write (each self.log costs ~0.2 ms), yet
+    the CSV holds each written step's own value (never a stale one) and metrics.json the fit's
+    last step's."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    g = torch.Generator().manual_seed(0)
+    loader = DataLoader(torch.randn(28, 2, generator=g), batch_size=4)  # 7 steps an epoch
+    trainer = Trainer(
+        default_root_dir=tmp_path,
+        logger=CSVLogger(tmp_path, name="run", version=0),
+        callbacks=[MetricsJSON()],
+        max_epochs=2,
+        log_every_n_steps=3,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    )
+    model = _Terms()
+    trainer.fit(model, loader)
+    # written every 3 steps (0-based 2, 5, 8, 11); each epoch's last step (6, 13) logged too
+    assert model.logged == [2, 5, 6, 8, 11, 13]
+    rows = [
+        r
+        for r in csv.DictReader((tmp_path / "run" / "version_0" / "metrics.csv").open())
+        if r.get("train/loss")
+    ]
+    written = {int(r["step"]): float(r["train/loss"]) for r in rows}
+    assert sorted(written) == [2, 5, 8, 11]
+    for step, value in written.items():
+        assert value == pytest.approx(model.losses[step], rel=1e-6)
+        half = next(float(r["train/half"]) for r in rows if int(r["step"]) == step)
+        assert half == pytest.approx(value / 2, rel=1e-6)
+    metrics = json.loads((tmp_path / "run" / "version_0" / "metrics.json").read_text())
+    assert metrics["train/loss"] == pytest.approx(model.losses[13], rel=1e-6)
 
 
 def _contents(folder: Path) -> dict[str, bytes]:
