@@ -20,7 +20,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassConfusionMatrix
 from torchvision.utils import draw_segmentation_masks
 
-from lit_modules.callbacks import can_fuse, check_choice, check_labels, log_train_terms
+from lit_modules.callbacks import check_choice, check_labels, log_train_terms, make_optimizer
 from lit_modules.guard import NonFinitePolicy, finite_loss
 from lit_modules.metrics import fcn_scores
 from lit_modules.nets.fcn import ARCHS, FCN, build_fcn
@@ -256,16 +256,7 @@ class FCNModule(LightningModule):
 
     def configure_optimizers(self) -> Any:
         hp = self.hparams
-        params = [p for p in self.net.parameters() if p.requires_grad]
-        if hp.optimizer == "sgd":
-            opt: torch.optim.Optimizer = torch.optim.SGD(
-                params, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay
-            )
-        else:
-            # fused: one kernel for every parameter's update instead of a loop of small ops
-            opt = torch.optim.AdamW(
-                params, lr=hp.lr, weight_decay=hp.weight_decay, fused=can_fuse(params)
-            )
+        opt = make_optimizer((p for p in self.net.parameters() if p.requires_grad), hp)
         if hp.scheduler == "none":
             return opt
         total = max(1, int(self.trainer.estimated_stepping_batches))

@@ -13,6 +13,7 @@ version_N each time; exported weights keep their previous file, see ExportWeight
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import logging
@@ -22,7 +23,7 @@ import shutil
 import sys
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -70,6 +71,19 @@ def _worker_init(threads: int) -> None:
     # thread per core in every process and oversubscribe them (a probe took 5.7 s instead of 3)
     threadpool_limits(threads)
     quiet_lightning()  # a spawned process starts with no filters
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """torch's intra-op threads set to `n` inside the block, restored after it."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def process_pool(workers: int, *, threads: int = 1) -> ProcessPoolExecutor:

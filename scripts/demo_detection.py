@@ -17,10 +17,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone, no install
 
-import torch  # noqa: E402
 
 from lit_modules.callbacks import keep_previous  # noqa: E402
-from scripts.demo import free_cores, run_config  # noqa: E402
+from scripts.demo import free_cores, run_config, torch_threads  # noqa: E402
 
 CONFIG = "detection/digits_faster_rcnn.yaml"
 TARGETS = {
@@ -48,16 +47,12 @@ def demo(out: Path, threads: int | None = None) -> dict[str, Any]:
     """
     root = out / "runs"
     weights = source_weights(root)
-    before = torch.get_num_threads()
     threads = threads or free_cores()
-    torch.set_num_threads(threads)
     t0 = time.perf_counter()
-    try:
+    with torch_threads(threads):
         metrics = run_config(
             CONFIG, "detection_digits", root, [f"--model.weights_backbone={weights}"], test=True
         )
-    finally:
-        torch.set_num_threads(before)
     seconds = time.perf_counter() - t0
     run = max(
         (root / "detection_digits").glob("version_*"), key=lambda p: int(p.name.split("_")[1])

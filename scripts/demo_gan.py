@@ -38,7 +38,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from scripts.demo import CONFIGS, fit_args, free_cores, in_processes, run_config  # noqa: E402
+from scripts.demo import (  # noqa: E402
+    CONFIGS,
+    fit_args,
+    free_cores,
+    in_processes,
+    run_config,
+    torch_threads,
+)
 from scripts.gan_features_svm import run_svm  # noqa: E402
 from scripts.train import main as cli_main  # noqa: E402
 
@@ -65,14 +72,12 @@ def classifier_weights(root: Path) -> Path:
     path = root / "weights" / "digits_classifier.pt"
     if not path.is_file():
         print("[gan] training the digits classifier that scores the samples")
-        threads = torch.get_num_threads()
-        torch.set_num_threads(THREADS)  # the judge's weights, hence every FID, must not vary
-        try:  # with the machine's thread count either (see THREADS)
+        # the judge's weights, hence every FID, must not vary with the machine's thread count
+        # either (see THREADS)
+        with torch_threads(THREADS):
             metrics = run_config(
                 "gan/digits_classifier.yaml", "gan_classifier", root, [], test=False
             )
-        finally:
-            torch.set_num_threads(threads)
         print(f"[gan] digits classifier val/acc {metrics['val/acc']:.3f}")
     return path
 
@@ -183,9 +188,7 @@ def train_gans(root: Path, judge: Path) -> tuple[dict[str, dict[str, Any]], dict
 
 def demo(out: Path) -> dict[str, Any]:
     """Train both GANs for the same steps, test the checkpoints chosen on val, run the SVM."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(THREADS)  # the numbers depend on it: fixed (see THREADS)
-    try:
+    with torch_threads(THREADS):  # the numbers depend on it: fixed (see THREADS)
         root = out / "runs"
         judge = classifier_weights(root)
         print(f"[gan] {', '.join(GANS)}: {EPOCHS} epochs of training each, in parallel")
@@ -210,8 +213,6 @@ def demo(out: Path) -> dict[str, Any]:
             raise RuntimeError(f"random D {baselines['d']} differs from {dcgan}'s D {svm['d']}")
         svm["rows"] += baselines["rows"]
         svm["seconds_after_training"] = round(time.perf_counter() - t0, 1)
-    finally:
-        torch.set_num_threads(threads)
     return {
         "epochs_per_gan": EPOCHS,
         "threads": THREADS,

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone
 from datamodules.digits import DIGITS_MEAN, DIGITS_STD, DigitCanvas  # noqa: E402
 from lit_modules.nets.backbones import unpadded_digits_cnn  # noqa: E402
 from lit_modules.spatial import build_classifier, dense_vs_sliding  # noqa: E402
-from scripts.demo import process_pool, run_config, test_only  # noqa: E402
+from scripts.demo import process_pool, run_config, test_only, torch_threads  # noqa: E402
 from scripts.demo_gan import classifier_weights  # noqa: E402
 
 FIGURES = {  # report picture <- (run, picture key in its images/)
@@ -103,9 +103,7 @@ def demo(out: Path) -> dict[str, Any]:
         judge = classifier_weights(root)
         t0 = time.perf_counter()
         maps = pool.submit(class_maps, root, judge)
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
+        with torch_threads(1):
             boxes = run_config(
                 "localization/digits_box_regressor.yaml",
                 "scale_box_regressor",
@@ -118,8 +116,6 @@ def demo(out: Path) -> dict[str, Any]:
                 root,
                 [f"--model.weights={root / 'weights' / 'digits_box_regressor.pt'}"],
             )
-        finally:
-            torch.set_num_threads(threads)
         classmap, dense = maps.result()
     print(
         f"[scale] dense vs sliding: {dense['trained']['speedup']:.1f}x, unpadded twin max abs "

@@ -86,7 +86,7 @@ def demo(out: Path) -> dict[str, Any]:
     # The scratch runs need no source network: they fill the other cores while it trains. The
     # runs that start from it follow, longest first (most labels), so the cores finish together.
     scratch = [i for i, j in enumerate(jobs) if "scratch" in j[0]]
-    rest = sorted(set(range(len(jobs))) - set(scratch), key=lambda i: -jobs[i][4])
+    rest = sorted((i for i in range(len(jobs)) if i not in scratch), key=lambda i: -jobs[i][4])
     with process_pool(pool_workers(len(jobs))) as pool:
         pretrain = pool.submit(
             run_config, "transfer/digits_pretrain_source.yaml", "transfer_source", root, [], False
