@@ -60,16 +60,24 @@ _UNSAVED = (
     "test_is.",
 )
 # Latent streams of the evaluation stages: sample i of stage s is drawn from seed
-# sample_seed * 1_000_003 + STAGE_STREAM[s] + i, so val and test never share a vector (up to
-# 2**40 samples): the test FID is not the val FID of the checkpoint it chose. Predict keeps its
-# stream (offset 500,009: distinct from val's first 500,009 samples).
-STAGE_STREAM = {"val": 0, "test": 1 << 40, "predict": 500_009}
+# (sample_seed * 1_000_003 + STAGE_STREAM[s] + i) mod 2**32, so val and test never share a
+# vector (up to 500,009 samples a stage): the test FID is not the val FID of the checkpoint it
+# chose. The seeds stay below 2**32 because torch's CPU generator (mt19937) keeps only a seed's
+# low 32 bits: a test stream at 2**40 drew val's very vectors. Predict keeps its stream.
+STAGE_STREAM = {"val": 0, "test": 1 << 31, "predict": 500_009}
+SEED_SPACE = 1 << 32  # distinct mt19937 seeds
 
 
 def eval_seeds(sample_seed: int, stage: str, indices: list[int]) -> list[int]:
     """The latent seeds of samples `indices` of an evaluation `stage` (val, test or predict)."""
     base = sample_seed * 1_000_003 + STAGE_STREAM[stage]
-    return [base + i for i in indices]
+    return [(base + i) % SEED_SPACE for i in indices]
+
+
+def seeded_latents(seeds: list[int], latent_dim: int) -> torch.Tensor:
+    """One N(0, 1) latent vector per seed, the same on any device: (len(seeds), latent_dim)."""
+    g = torch.Generator()
+    return torch.stack([torch.randn(latent_dim, generator=g.manual_seed(s)) for s in seeds])
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -307,9 +315,7 @@ class DCGANModule(LightningModule):
 
     def _seeded_z(self, seeds: list[int]) -> torch.Tensor:
         """One latent vector per seed (the same on any device): (len(seeds), latent_dim)."""
-        g = torch.Generator()
-        rows = [torch.randn(self.hparams.latent_dim, generator=g.manual_seed(s)) for s in seeds]
-        return torch.stack(rows).to(self.device)
+        return seeded_latents(seeds, self.hparams.latent_dim).to(self.device)
 
     # ------------------------------------------------------------------ training
 

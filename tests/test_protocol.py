@@ -25,7 +25,7 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from datamodules.digits import DigitCanvas, DigitsDataModule, load_mnist5k
 from datamodules.images import ImageDataModule
 from datamodules.segmentation import SegmentationDataModule
-from lit_modules.gan import DCGANModule, eval_seeds
+from lit_modules.gan import DCGANModule, eval_seeds, seeded_latents
 from tests.test_gan import TRAINER
 from tests.test_segmentation import VOC_SIZES, write_voc
 
@@ -170,10 +170,17 @@ def test_label_budget_budgets_val_too() -> None:
 
 
 def test_val_test_and_predict_draw_disjoint_latents() -> None:
-    streams = [set(eval_seeds(0, s, list(range(50_000)))) for s in ("val", "test", "predict")]
-    assert not streams[0] & streams[1] and not streams[0] & streams[2]
-    assert not streams[1] & streams[2]
-    assert eval_seeds(0, "val", [3]) == eval_seeds(0, "val", [3])
+    # the vectors, not only the seeds: torch's generator keeps a seed's low 32 bits only
+    stages = ("val", "test", "predict")
+    z = {s: seeded_latents(eval_seeds(0, s, list(range(2_000))), 4) for s in stages}
+    rows = {s: {tuple(r) for r in z[s].tolist()} for s in stages}
+    assert all(len(rows[s]) == 2_000 for s in stages)
+    assert not rows["val"] & rows["test"] and not rows["val"] & rows["predict"]
+    assert not rows["test"] & rows["predict"]
+    seeds = [set(eval_seeds(7, s, list(range(50_000)))) for s in stages]
+    assert not seeds[0] & seeds[1] and not seeds[0] & seeds[2] and not seeds[1] & seeds[2]
+    assert max(max(s) for s in seeds) < 2**32
+    assert torch.equal(seeded_latents([3], 4), seeded_latents(eval_seeds(0, "val", [3]), 4))
 
 
 class _CountFID:
