@@ -283,6 +283,7 @@ class DeepMaskModule(LightningModule):
         ss_mode: str = "fast",
         ss_max_proposals: int = 2000,
         num_sample_images: int = 4,
+        channels_last: bool = False,
         nonfinite_loss: NonFinitePolicy = "stop",
     ) -> None:
         """
@@ -304,6 +305,9 @@ class DeepMaskModule(LightningModule):
                 (the paper: 0.5; thin digit strokes score better a little higher, on val).
             predict_top_k: proposals per image written by `predict`.
             compare_selective_search: test also scores selective search's boxes (test/ss_ar_*).
+            channels_last: NHWC weights and activations: oneDNN's CPU convolutions run faster in
+                that layout (digits training step 1.3x measured, bf16-mixed, 2 threads); dense
+                inference follows the weights' layout.
         """
         super().__init__()
         check_choice("optimizer", optimizer, ("sgd", "adamw"))
@@ -319,6 +323,8 @@ class DeepMaskModule(LightningModule):
             score_hidden=score_hidden, dropout=dropout, refine_channels=refine_channels,
             normalize=normalize,
         )  # fmt: skip
+        if channels_last:
+            self.net.to(memory_format=torch.channels_last)
         self.val_ar, self.test_ar = ProposalRecall(), ProposalRecall()
         self.test_box_ar, self.test_ss_ar = ProposalRecall(), ProposalRecall()
         self._seconds = {"dm": 0.0, "ss": 0.0, "images": 0}
@@ -342,6 +348,8 @@ class DeepMaskModule(LightningModule):
                 )
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.hparams.channels_last:  # same (B, C, P, P) shape, NHWC strides
+            x = x.contiguous(memory_format=torch.channels_last)
         return self.net(x)  # (B, m, m) mask logits, (B,) score logits
 
     # ------------------------------------------------------------------ training

@@ -154,6 +154,7 @@ class BoxRegressor(LightningModule):
         scheduler: Literal["cosine", "none"] = "cosine",
         warmup_steps: int = 0,
         num_sample_images: int = 16,
+        channels_last: bool = False,
         nonfinite_loss: NonFinitePolicy = "stop",
     ) -> None:
         """
@@ -174,6 +175,8 @@ class BoxRegressor(LightningModule):
             normalize: the trunk's input normalisation (images arrive in [0, 1]).
             warmup_steps: linear warm-up of the learning rate from lr / 100.
             num_sample_images: validation images drawn with their boxes each epoch (0: none).
+            channels_last: NHWC weights and activations: oneDNN's CPU convolutions run faster in
+                that layout (digits training step 1.36x measured, bf16-mixed, 2 threads).
             nonfinite_loss: a NaN / Inf loss `stop`s training or `skip`s the step (guard.py).
         """
         super().__init__()
@@ -198,6 +201,8 @@ class BoxRegressor(LightningModule):
         for stage in self.frozen:
             stage.requires_grad_(False)
         self.train(self.training)  # frozen stages in eval mode now: Lightning's fit keeps modes
+        if channels_last:
+            self.net.to(memory_format=torch.channels_last)
         self.normalizer = Normalizer(in_channels=self.net.in_channels, normalize=normalize)
         self.val_scores, self.test_scores = LocalizationScores(), LocalizationScores()
         self._samples: tuple[torch.Tensor, dict, dict] | None = None
@@ -233,6 +238,8 @@ class BoxRegressor(LightningModule):
                 f"BoxRegressor reads (B, C, {size}, {size}) windows, got {tuple(images.shape)} "
                 "(a larger image goes through the convolutionalized net: OverFeatDetector)"
             )
+        if self.hparams.channels_last:  # same (B, C, S, S) shape, NHWC strides
+            images = images.contiguous(memory_format=torch.channels_last)
         return self.net(self.normalizer(images))
 
     def predict_boxes(self, images: torch.Tensor) -> dict[str, torch.Tensor]:

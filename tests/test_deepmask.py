@@ -272,6 +272,25 @@ def test_empty_scene_no_crash_and_low_scores() -> None:
     assert model.val_ar.compute() is None
 
 
+def test_channels_last_changes_the_layout_not_the_outputs() -> None:
+    seed_everything(0)
+    nchw = tiny_module(refine_channels=8).eval()
+    nhwc = tiny_module(refine_channels=8, channels_last=True).eval()
+    nhwc.load_state_dict(nchw.state_dict())
+    conv = next(m for m in nhwc.net.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    x = torch.rand(4, 1, 32, 32)
+    for a, b in zip(nchw(x), nhwc(x), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    scene = torch.rand(1, 96, 96)
+    (masks_a, scores_a), (masks_b, scores_b) = (
+        deepmask_masks(m, scene, top_k=20) for m in (nchw, nhwc)
+    )
+    torch.testing.assert_close(scores_a, scores_b, atol=1e-4, rtol=1e-4)
+    # thresholded masks: a pixel within float rounding of the threshold may flip, no more
+    assert (masks_a != masks_b).float().mean() < 1e-3
+
+
 def test_fast_dev_run_fit_and_test(tmp_path) -> None:
     trainer = Trainer(fast_dev_run=True, default_root_dir=tmp_path, logger=False,
                       enable_progress_bar=False, enable_model_summary=False)  # fmt: skip

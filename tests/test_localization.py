@@ -249,6 +249,18 @@ def test_box_regressor_fast_dev_run_and_a_tiny_run_learns(tmp_path: Path) -> Non
     assert losses[-1][0] < 0.3 * losses[0][0] and losses[-1][1] < 0.5 * losses[0][1]
 
 
+def test_box_regressor_channels_last_changes_the_layout_not_the_outputs() -> None:
+    torch.manual_seed(0)
+    nchw = BoxRegressor(**SMALL).eval()
+    nhwc = BoxRegressor(**SMALL, channels_last=True).eval()
+    nhwc.load_state_dict(nchw.state_dict())
+    conv = next(m for m in nhwc.net.modules() if isinstance(m, nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    x = torch.rand(5, 1, 24, 24)
+    for a, b in zip(nchw(x), nhwc(x), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
 def test_box_regressor_rejects_bad_settings_and_wrong_sizes() -> None:
     with pytest.raises(ValueError, match="unknown box_loss 'l2'"):
         BoxRegressor(**SMALL, box_loss="l2")
