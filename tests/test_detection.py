@@ -38,6 +38,24 @@ SMALL = {  # a tiny, fast detector for tests (random weights)
 }
 
 
+def test_channels_last_changes_the_layout_not_the_features() -> None:
+    torch.manual_seed(0)
+    nchw = FasterRCNNModule(**SMALL).eval()
+    nhwc = FasterRCNNModule(**SMALL, channels_last=True).eval()
+    nhwc.load_state_dict(nchw.state_dict())
+    x = torch.rand(2, 3, 64, 64)
+    a, b = nchw.net.backbone(x), nhwc.net.backbone(x)  # {level: (B, C, h, w)}: what feeds RPN, RoIs
+    assert any(f.is_contiguous(memory_format=torch.channels_last) for f in b.values())
+    for level in a:
+        torch.testing.assert_close(a[level], b[level], atol=1e-5, rtol=1e-5)
+    nhwc.train()
+    losses = nhwc.net(
+        list(x), [{"boxes": torch.tensor([[8.0, 8, 40, 40]]), "labels": torch.tensor([3])}] * 2
+    )
+    sum(losses.values()).backward()
+    assert all(torch.isfinite(v) for v in losses.values())
+
+
 def _scene_kwargs() -> dict[str, Any]:
     return {"size": 64, "num_digits": (1, 3), "digit_size": (16, 28)}
 
