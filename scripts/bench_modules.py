@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import gc
 import importlib
 import itertools
@@ -169,10 +170,10 @@ def _config(name: str) -> dict[str, Any]:
     return yaml.safe_load((ROOT / SPECS[name].config).read_text())
 
 
-def build_module(name: str, seed: int) -> LightningModule:
-    """The module from its YAML config, initialised from `seed`."""
+def build_module(name: str, seed: int, **model: Any) -> LightningModule:
+    """The module from its YAML config, initialised from `seed`; `model` overrides init args."""
     torch.manual_seed(seed)
-    return _instantiate(_config(name)["model"], SPECS[name].model)
+    return _instantiate(_config(name)["model"], SPECS[name].model | model)
 
 
 def build_data(name: str, steps: int) -> LightningDataModule:
@@ -436,8 +437,10 @@ def _lightning_run(name: str, batches: list[Any], seed: int) -> dict[str, float]
     return {"wall": wall, "cpu": cpu, "loop": loop, "cpu_loop": cpu_loop}
 
 
-def _plain_run(name: str, batches: Any, seed: int, bf16: bool = False) -> dict[str, Any]:
-    module = build_module(name, seed)
+def _plain_run(
+    name: str, batches: Any, seed: int, bf16: bool = False, **model: Any
+) -> dict[str, Any]:
+    module = build_module(name, seed, **model)
     gc.collect()
     seed_everything(seed, verbose=False)
     run = plain_loop(name, module, batches, bf16)
@@ -518,6 +521,37 @@ def measure_module(
             "first_pass_batch_s": first_pass  # a config with a cache: its first epoch's cost
         },
         "flops": measure_flops(name, batches[0], step32, step16, seed, peak or matmul_peak()),
+        "channels_last": measure_channels_last(name, batches, seed, repeats, warmup),
+    }
+
+
+def measure_channels_last(
+    name: str, batches: list[Any], seed: int, repeats: int, warmup: bool
+) -> dict[str, Any] | None:
+    """NCHW against channels_last (NHWC) training steps, plain loop, in the config's precision,
+    for the configs that set `channels_last: true` (None for the others)."""
+    config = _config(name)
+    if not (config["model"].get("init_args") or {}).get("channels_last"):
+        return None
+    bf16 = "bf16" in str((config.get("trainer") or {}).get("precision", ""))
+    load = os.getloadavg()[0]
+    layouts = {"nchw": False, "nhwc": True}
+    sides = {
+        layout: functools.partial(_plain_run, name, batches, seed, bf16, channels_last=nhwc)
+        for layout, nhwc in layouts.items()
+    }
+    if warmup:  # oneDNN picks (and caches) kernels per layout
+        for nhwc in layouts.values():
+            _plain_run(name, batches[:1], seed, bf16, channels_last=nhwc)
+    runs = alternated(sides, repeats)
+    steps = len(batches)
+    nchw, nhwc = (statistics.median(r["loop"] for r in runs[k]) / steps for k in sides)
+    out = figure("nchw_step_s", nchw, "nhwc_step_s", nhwc, nchw / nhwc, repeats, load)
+    pairs = zip(runs["nchw"], runs["nhwc"], strict=True)
+    return out | {
+        "precision": "bf16-mixed" if bf16 else "32-true",
+        "ratio_paired_median": statistics.median(a["loop"] / b["loop"] for a, b in pairs),
+        "steps": steps,
     }
 
 

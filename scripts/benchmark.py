@@ -372,6 +372,18 @@ def module_tables(modules: dict[str, dict[str, Any]], peak: dict[str, float]) ->
           f"{f['ratio_paired_median']:.2f}x", f"{f['ratio_cpu']:.2f}x", str(f["repeats"]),
           _load(f)] for m, f in fig["bf16_vs_fp32"].items()],
     )  # fmt: skip
+    layouts = {m: r["channels_last"] for m, r in modules.items() if r.get("channels_last")}
+    if layouts:
+        lines += _table(
+            "channels_last (NHWC) vs NCHW: seconds per training step (plain loop)",
+            ["module", "precision", "NCHW s / step", "NHWC s / step", "speed-up", "paired",
+             "repeats", "load before / after"],
+            [[m, f["precision"], f"{f['nchw_step_s']:.4f}", f"{f['nhwc_step_s']:.4f}",
+              f"{f['ratio']:.2f}x", f"{f['ratio_paired_median']:.2f}x", str(f["repeats"]),
+              _load(f)] for m, f in layouts.items()],
+            "The configs that set `channels_last: true`, in their own precision; the other "
+            "figures above are those of the configs as they are (NHWC where they set it).",
+        )  # fmt: skip
     if "detection" in modules and "map_backends" in modules["detection"]:
         f = modules["detection"]["map_backends"]
         s = f["scores"]["faster_coco_eval"]
@@ -498,7 +510,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     peak = matmul_peak(512, 2) if quick else matmul_peak()
     result["matmul_peak"], result["modules"] = peak, {}
     for name in args.modules:
-        print(f"{name}: Trainer vs plain, bf16 vs fp32, pipeline, FLOP/s ...", flush=True)
+        print(f"{name}: Trainer vs plain, bf16 vs fp32, pipeline, FLOP/s, layout ...", flush=True)
         figures = measure_module(name, args.steps, args.repeats, args.seed, peak, not quick)
         if name == "detection":
             print("detection: mAP with pycocotools vs faster_coco_eval ...", flush=True)

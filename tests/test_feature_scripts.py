@@ -9,11 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from lightning.pytorch import seed_everything
 from PIL import Image
 
 from scripts import benchmark, extract_features
 from scripts.bench_modules import (
+    ROOT,
     Batches,
     build_data,
     build_module,
@@ -157,6 +159,15 @@ def test_benchmark_module_figures_smoke(quick_run: tuple[dict, Path], module: st
     assert math.isfinite(figures["bf16_vs_fp32"]["ratio_cpu"])
     assert 0.0 <= figures["pipeline"]["wait_share"] < 1.0
     assert figures["flops"]["flops_per_step"] > 0 and figures["flops"]["ratio"] < 1.5
+    layout = figures["channels_last"]  # measured where the config trains channels_last
+    config = yaml.safe_load((ROOT / benchmark.SPECS[module].config).read_text())
+    if not config["model"]["init_args"].get("channels_last"):
+        assert layout is None
+        return
+    assert all(k in layout for k in FIGURE_KEYS) and layout["repeats"] == 1
+    assert layout["nchw_step_s"] > 0 and layout["nhwc_step_s"] > 0
+    assert math.isfinite(layout["ratio"]) and layout["ratio"] > 0
+    assert f"| {module} | {layout['precision']} |" in (quick_run[1] / "BENCHMARK.md").read_text()
 
 
 @pytest.mark.parametrize("module", ["deepmask", "fast_rcnn"])
@@ -242,11 +253,13 @@ def test_benchmark_writes_bench_json_and_every_table(quick_run: tuple[dict, Path
         "Data pipeline",
         "Achieved FLOP",
         "bf16-mixed vs",
+        "channels_last (NHWC) vs NCHW",
         "COCO mAP",
     ):
         assert f"## {title}" in text, title
-    for module in benchmark.SPECS:
-        assert text.count(f"| {module} |") == 4  # one row in each per-module table
+    for module in benchmark.SPECS:  # one row in each per-module table (layout: NHWC configs)
+        layout = result["modules"][module]["channels_last"] is not None
+        assert text.count(f"| {module} |") == 4 + layout
     assert "| plain PyTorch loop |" in text and "| bf16-mixed |" in text
     assert "| unpadded_digits_cnn |" in text and "| faster_coco_eval |" in text
 
