@@ -12,6 +12,7 @@ from lit_modules.nets.rcnn import (
     SpatialPyramidPool,
     build_pooler,
     expand_boxes,
+    over_threads,
     postprocess,
     svm_hinge_loss,
     truncated_svd,
@@ -66,6 +67,38 @@ def test_warp_shapes_and_context():
     big = expand_boxes(torch.tensor([[10.0, 10, 30, 30]]), context=0.25)
     assert torch.allclose(big, torch.tensor([[0.0, 0, 40, 40]]))
     assert warp_crops(imgs, [torch.zeros(0, 4)] * 2, size=8, context=0).shape == (0, 3, 8, 8)
+
+
+def test_rois_over_threads_equal_one_call_and_keep_training_on_one() -> None:
+    from torchvision.ops import roi_align, roi_pool
+
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(2, 8, 24, 24, generator=g)
+    xy = torch.rand(1200, 2, generator=g) * 70
+    boxes = torch.cat([xy, xy + 8 + torch.rand(1200, 2, generator=g) * 40], 1)
+    per_image = [boxes[:500], boxes[500:]]
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # 1,200 RoIs: split in two (MIN_ROIS_PER_THREAD 256)
+    try:
+        with torch.no_grad():  # bitwise: each RoI's output depends on that RoI alone
+            for op, kw in ((roi_pool, {}), (roi_align, {"sampling_ratio": 2, "aligned": True})):
+                one = op(feats, per_image, output_size=7, spatial_scale=0.25, **kw)
+                split = over_threads(op, feats, per_image, output_size=7, spatial_scale=0.25, **kw)
+                assert torch.equal(one, split)
+            pooled = build_pooler("roi_pool", output_size=7, spatial_scale=0.25)(feats, per_image)
+            assert torch.equal(pooled, roi_pool(feats, per_image, 7, 0.25))
+            assert torch.equal(over_threads(roi_pool, feats, [boxes[:0], boxes[:0]],
+                                            output_size=7, spatial_scale=0.25),
+                               torch.zeros(0, 8, 7, 7))  # fmt: skip
+        # training: the one call, so the feature gradients sum in the same order
+        a, b = feats.clone().requires_grad_(), feats.clone().requires_grad_()
+        roi_pool(a, per_image, 7, 0.25).square().sum().backward()
+        over_threads(
+            roi_pool, b, per_image, output_size=7, spatial_scale=0.25
+        ).square().sum().backward()
+        assert torch.equal(a.grad, b.grad)
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_spp_size_independent_of_box():
