@@ -9,6 +9,7 @@ Boxes are (N, 4) xyxy in image pixels everywhere. Nothing here imports Lightning
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import cache
@@ -126,7 +127,8 @@ MIN_ROIS_PER_THREAD = 256  # below this a thread's start costs more than its sha
 
 
 @cache
-def _roi_threads(n: int) -> ThreadPoolExecutor:
+def _roi_threads(n: int, pid: int) -> ThreadPoolExecutor:
+    """A pool per process (`pid`): a forked child inherits the parent's pool but not its threads."""
     return ThreadPoolExecutor(n, thread_name_prefix="cnnlab-roi")
 
 
@@ -154,7 +156,8 @@ def over_threads(
     if grad or features.device.type != "cpu" or parts < 2:
         return op(features, rois, **kwargs)
     chunks = rois.tensor_split(parts)
-    return torch.cat(list(_roi_threads(threads).map(lambda r: op(features, r, **kwargs), chunks)))
+    pool = _roi_threads(threads, os.getpid())
+    return torch.cat(list(pool.map(lambda r: op(features, r, **kwargs), chunks)))
 
 
 class ThreadedRoIPool(nn.Module):
