@@ -19,6 +19,7 @@ from lit_modules.nets.rcnn import (
     warp_crops,
 )
 from lit_modules.rcnn import FastRCNNModule, RCNNModule
+from scripts.demo import torch_threads
 
 K1 = 11  # 10 digits + background
 
@@ -77,9 +78,7 @@ def test_rois_over_threads_equal_one_call_and_keep_training_on_one() -> None:
     xy = torch.rand(1200, 2, generator=g) * 70
     boxes = torch.cat([xy, xy + 8 + torch.rand(1200, 2, generator=g) * 40], 1)
     per_image = [boxes[:500], boxes[500:]]
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)  # 1,200 RoIs: split in two (MIN_ROIS_PER_THREAD 256)
-    try:
+    with torch_threads(2):  # 1,200 RoIs: split in two (MIN_ROIS_PER_THREAD 256)
         with torch.no_grad():  # bitwise: each RoI's output depends on that RoI alone
             for op, kw in ((roi_pool, {}), (roi_align, {"sampling_ratio": 2, "aligned": True})):
                 one = op(feats, per_image, output_size=7, spatial_scale=0.25, **kw)
@@ -97,8 +96,6 @@ def test_rois_over_threads_equal_one_call_and_keep_training_on_one() -> None:
             roi_pool, b, per_image, output_size=7, spatial_scale=0.25
         ).square().sum().backward()
         assert torch.equal(a.grad, b.grad)
-    finally:
-        torch.set_num_threads(before)
 
 
 def test_spp_size_independent_of_box():

@@ -20,6 +20,7 @@ under the same interface for model-zoo parity. Nothing here imports Lightning.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
@@ -80,19 +81,21 @@ class Upsample(nn.ConvTranspose2d):
         # load either way.
         # In float32 under bf16 autocast too, as F.interpolate runs: scores, not features.
         x = x.float()
-        a_h = self._matrix(x.shape[-2], x)  # (f*h, h)
-        a_w = self._matrix(x.shape[-1], x)  # (f*w, w)
+        a_h = bilinear_matrix(self.factor, x.shape[-2], x.device)  # (f*h, h)
+        a_w = bilinear_matrix(self.factor, x.shape[-1], x.device)  # (f*w, w)
         with torch.autocast(x.device.type, enabled=False):
             return torch.einsum("Hh,bchw,Ww->bcHW", a_h, x, a_w)  # (B, C, h*f, w*f)
 
-    def _matrix(self, n: int, like: torch.Tensor) -> torch.Tensor:
-        """(f*n, n): the 1-D bilinear transposed conv (stride f, padding f/2) on n cells."""
-        f = self.factor
-        taps = 1 - (torch.arange(2 * f, device=like.device) - (f - 0.5)).abs() / f  # (2f,)
-        out = torch.arange(f * n, device=like.device)[:, None] + f // 2  # output px + padding
-        j = out - f * torch.arange(n, device=like.device)[None, :]  # (f*n, n) kernel tap index
-        inside = (j >= 0) & (j < 2 * f)
-        return torch.where(inside, taps[j.clamp(0, 2 * f - 1)], 0.0).to(like.dtype)
+
+@functools.lru_cache(maxsize=32)
+def bilinear_matrix(f: int, n: int, device: torch.device) -> torch.Tensor:
+    """(f*n, n) float32: the 1-D bilinear transposed conv (stride f, padding f/2) on n cells.
+    Cached: a net upsamples maps of the same few sizes every step."""
+    taps = 1 - (torch.arange(2 * f, device=device) - (f - 0.5)).abs() / f  # (2f,)
+    out = torch.arange(f * n, device=device)[:, None] + f // 2  # output px + padding
+    j = out - f * torch.arange(n, device=device)[None, :]  # (f*n, n) kernel tap index
+    inside = (j >= 0) & (j < 2 * f)
+    return torch.where(inside, taps[j.clamp(0, 2 * f - 1)], 0.0)
 
 
 def _score(in_channels: int, num_classes: int) -> nn.Conv2d:

@@ -149,9 +149,9 @@ def over_threads(
     """
     threads = torch.get_num_threads()
     grad = torch.is_grad_enabled() and features.requires_grad
-    if isinstance(boxes, list):  # per image (N_i, 4) -> (K, 5) rows of (image index, box)
-        boxes = torch.cat([F.pad(b, (1, 0), value=i) for i, b in enumerate(boxes)])
     rois = boxes
+    if isinstance(boxes, list):  # per image (N_i, 4) -> (K, 5) rows of (image index, box)
+        rois = torch.cat([F.pad(b, (1, 0), value=i) for i, b in enumerate(boxes)])
     parts = min(threads, len(rois) // MIN_ROIS_PER_THREAD)
     if grad or features.device.type != "cpu" or parts < 2:
         return op(features, rois, **kwargs)
