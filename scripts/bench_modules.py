@@ -45,6 +45,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from torchmetrics.detection import MeanAveragePrecision
 
 from lit_modules.detection import IOU_THRESHOLDS, MAP_KEYS, REC_THRESHOLDS
+from lit_modules.gan import frozen
 from lit_modules.guard import finite_loss
 from lit_modules.nets.localization import box_loss, select_boxes
 from lit_modules.nets.rcnn import detection_loss as roi_head_loss
@@ -272,7 +273,8 @@ def fast_rcnn_loss(m: Any, batch: Any) -> torch.Tensor:
 
 
 def gan_step(m: Any, batch: Any, opts: list[torch.optim.Optimizer]) -> None:
-    """DCGANModule.training_step's two manual updates: D on real vs detached fake, then G."""
+    """DCGANModule.training_step's two manual updates: D on real vs detached fake, then G
+    through a frozen D, then G's weight average if the config keeps one."""
     real = m._images(batch)  # (B, 1, 32, 32)
     opt_g, opt_d = opts
     z = torch.randn(real.shape[0], m.hparams.latent_dim)
@@ -282,11 +284,14 @@ def gan_step(m: Any, batch: Any, opts: list[torch.optim.Optimizer]) -> None:
     opt_d.zero_grad(set_to_none=True)
     loss_d.backward()
     opt_d.step()
-    loss_g = m._g_loss(fake)
+    with frozen(m.discriminator):
+        loss_g = m._g_loss(fake)
     finite_loss(m, {"g_loss": loss_g}, m.hparams.nonfinite_loss)
     opt_g.zero_grad(set_to_none=True)
     loss_g.backward()
     opt_g.step()
+    if m.generator_ema is not None:
+        m._update_ema()
 
 
 LOSSES: dict[str, Callable[[Any, Any], torch.Tensor]] = {

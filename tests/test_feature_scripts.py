@@ -170,10 +170,11 @@ def test_benchmark_module_figures_smoke(quick_run: tuple[dict, Path], module: st
     assert f"| {module} | {layout['precision']} |" in (quick_run[1] / "BENCHMARK.md").read_text()
 
 
-@pytest.mark.parametrize("module", ["deepmask", "fast_rcnn"])
+@pytest.mark.parametrize("module", ["deepmask", "fast_rcnn", "gan"])
 def test_benchmark_plain_step_does_the_training_steps_work(module: str) -> None:
     """The plain loop is the module's training_step minus the Trainer: from the same seed and
-    batches (dropout, RoI sampling), Lightning's fit ends on the same weights (< 1 s each)."""
+    batches (dropout, RoI sampling, GAN noise), Lightning's fit ends on the same weights (the
+    GAN's averaged G too) (< 1 s each)."""
     benchmark.quiet()
     batches = take_batches(build_data(module, 2), 2)
     plain, fitted, start = (build_module(module, 0) for _ in range(3))
@@ -182,7 +183,8 @@ def test_benchmark_plain_step_does_the_training_steps_work(module: str) -> None:
     trainer = make_trainer(None, max_epochs=1)
     seed_everything(0, verbose=False)
     trainer.fit(fitted, train_dataloaders=Batches(batches))
-    assert trainer.global_step == 2  # no step skipped (no RoIs, non-finite loss)
+    # no step skipped (no RoIs, non-finite loss); a GAN's global_step counts G's and D's steps
+    assert trainer.global_step == 2 * len(trainer.optimizers)
     pairs = list(zip(plain.parameters(), fitted.parameters(), start.parameters(), strict=True))
     assert all(torch.equal(p, f) for p, f, _ in pairs)
     assert any(not torch.equal(p, s) for p, _, s in pairs)  # and training moved them

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 
 from datamodules.digits import DIGITS_MEAN, DIGITS_STD
 from datamodules.images import ImageDataModule
-from lit_modules.gan import ClassEntropy, DCGANModule
+from lit_modules.gan import ClassEntropy, DCGANModule, frozen
 from lit_modules.nets.gan_nets import DigitsJudge, build_discriminator, build_generator
 from lit_modules.transfer import TransferClassifier
 from tests.test_cli import QUIET, train
@@ -130,6 +130,62 @@ def test_one_step_updates_d_then_g_and_only_them(arch: str, g_loss: str) -> None
         "train/d_real",
         "train/d_fake",
     } <= trainer.callback_metrics.keys()
+
+
+def test_frozen_d_gives_g_the_same_gradients_and_d_none() -> None:
+    """G's step through a frozen D: G's gradients bitwise those through a trainable D, no weight
+    gradient computed for D, and D trainable again afterwards."""
+    torch.manual_seed(0)
+    model = DCGANModule(fid_features="none", **TINY)
+    g, d = list(model.generator.parameters()), list(model.discriminator.parameters())
+    fake = model.generator(torch.randn(4, 16))
+    expected = torch.autograd.grad(model._g_loss(fake), g, retain_graph=True)
+    with frozen(model.discriminator):
+        loss = model._g_loss(fake)
+    assert all(p.requires_grad for p in d)
+    loss.backward()
+    for want, p in zip(expected, g, strict=True):
+        assert torch.equal(want, p.grad)
+    assert all(p.grad is None for p in d)
+
+
+def test_ema_generator_follows_g_and_samples() -> None:
+    torch.manual_seed(0)
+    model = DCGANModule(fid_features="none", ema_decay=0.9, **TINY)
+    g, ema = model.generator, model.generator_ema
+    assert not any(p.requires_grad for p in ema.parameters())
+    start = [p.detach().clone() for p in ema.parameters()]  # G's initial weights
+    data = DataLoader(torch.rand(8, 1, 32, 32) * 2 - 1, batch_size=8)
+    Trainer(max_steps=2, limit_val_batches=0, **TRAINER).fit(model, train_dataloaders=data)
+    # one G step (max_steps counts both optimisers' steps): ema = 0.9 G_0 + 0.1 G_1
+    for p0, e, p in zip(start, ema.parameters(), g.parameters(), strict=True):
+        torch.testing.assert_close(e, 0.9 * p0 + 0.1 * p)
+    assert all(torch.equal(a, b) for a, b in zip(ema.buffers(), g.buffers(), strict=True))
+    model.eval()
+    z = torch.randn(3, 16)
+    assert torch.equal(model(z), ema(z)) and not torch.equal(model(z), g(z))
+    assert any(k.startswith("generator_ema.") for k in model.state_dict())
+    with pytest.raises(ValueError, match="ema_decay"):
+        DCGANModule(fid_features="none", ema_decay=1.0, **TINY)
+
+
+def test_scores_are_float32_under_bf16_mixed(classifier: Path) -> None:
+    """bf16-mixed autocasts validation_step: the judge's features of the real images, and so
+    every score, must still be float32 ones, equal to a float32 run's."""
+    torch.manual_seed(0)
+    model = DCGANModule(
+        classifier_weights=str(classifier),
+        fid_samples=16,
+        num_grid_samples=0,
+        interpolation_rows=0,
+        **TINY,
+    )
+    dm = ImageDataModule(dataset="digits", batch_size=16, max_eval_samples=32)
+    scores = [
+        Trainer(precision=precision, **TRAINER).validate(model, datamodule=dm, verbose=False)[0]
+        for precision in ("32-true", "bf16-mixed")
+    ]
+    assert scores[0] == scores[1] and math.isfinite(scores[0]["val/fid"])
 
 
 # ----------------------------------------------------------------------------- metrics
