@@ -326,6 +326,87 @@ def autocast(bf16: bool) -> contextlib.AbstractContextManager:
     return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
 
+def plain_step(
+    name: str,
+    module: LightningModule,
+    batch: Any,
+    opts: list[torch.optim.Optimizer],
+    scheds: list[Any],
+    bf16: bool = False,
+) -> None:
+    """One step of the plain loop: the label check, the step (under bf16 autocast if asked),
+    zero_grad, backward, optimizer and per-step scheduler steps."""
+    batch = module.on_before_batch_transfer(batch, 0)
+    with autocast(bf16):
+        if name == "gan":
+            gan_step(module, batch, opts)
+            return
+        loss = LOSSES[name](module, batch)
+    opts[0].zero_grad()
+    loss.backward()
+    opts[0].step()
+    for s in scheds:
+        s.step()
+
+
+class PairedSteps(Callback):
+    """Within one fit, after each of Lightning's steps, the plain loop's step of a twin module
+    (same config and seed) on the same batch, timed. Lightning's own step is the time between
+    two batch starts less that plain step: the two sides of a pair run ~one step apart, so the
+    machine's slow spells (seconds long on a shared VM) hit both alike, where two whole runs a
+    few seconds apart each catch their own."""
+
+    def __init__(self, name: str, twin: LightningModule, batches: list[Any]) -> None:
+        self.name, self.twin, self.batches = name, twin, batches
+        stub_trainer(twin, len(batches))
+        self.opts, self.scheds = optimizers(twin)
+        twin.train()
+        self.plain: list[float] = []
+        self.lightning: list[float] = []
+        self._start: float | None = None
+
+    def on_train_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, *args: Any
+    ) -> None:
+        now = _now()
+        if self._start is not None:  # the previous step, hook to hook, less the twin's step
+            self.lightning.append(now - self._start - self.plain[-1])
+        self._start = now
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, idx: int
+    ) -> None:
+        start = _now()
+        plain_step(self.name, self.twin, self.batches[idx], self.opts, self.scheds)
+        self.plain.append(_now() - start)
+
+
+def measure_paired_steps(
+    name: str, batches: list[Any], seed: int, load: float, min_steps: int = 22, warmup: int = 2
+) -> dict[str, Any]:
+    """Trainer / plain per step, paired step by step in one fit (`PairedSteps`): the median of
+    the per-step ratios, after `warmup` pairs, over at least `min_steps` steps (the batches
+    cycled). The whole-run figure counts Trainer() and fit's setup too; this one is what a long
+    run pays per step."""
+    batches = [batches[i % len(batches)] for i in range(max(len(batches), min_steps))]
+    module, twin = build_module(name, seed), build_module(name, seed)
+    pairs = PairedSteps(name, twin, batches)
+    gc.collect()
+    make_trainer(None, max_epochs=1, callbacks=[pairs]).fit(module, Batches(batches))
+    twin.trainer = None  # type: ignore[assignment]
+    plain, light = pairs.plain[warmup : len(pairs.lightning)], pairs.lightning[warmup:]
+    ratios = sorted(x / y for x, y in zip(light, plain, strict=True))
+    p, lt = statistics.median(plain), statistics.median(light)
+    out = figure("plain_step_s", p, "lightning_step_s", lt, statistics.median(ratios), 1, load)
+    return out | {
+        "pairs": len(ratios),
+        "ratio_of_medians": lt / p,
+        "ratio_q1": ratios[len(ratios) // 4],
+        "ratio_q3": ratios[(3 * len(ratios)) // 4],
+        "lightning_extra_ms": 1000 * (lt - p),
+    }
+
+
 def plain_loop(name: str, module: LightningModule, batches: Any, bf16: bool = False) -> dict:
     """Train on `batches` by hand: optimizers built, then per batch the label check, the step
     (under bf16 autocast if asked, as Lightning's bf16-mixed), zero_grad, backward, optimizer
@@ -343,18 +424,7 @@ def plain_loop(name: str, module: LightningModule, batches: Any, bf16: bool = Fa
         if batch is None:
             break
         t1 = _now()
-        batch = module.on_before_batch_transfer(batch, 0)
-        with autocast(bf16):
-            if name == "gan":
-                gan_step(module, batch, opts)
-            else:
-                loss = LOSSES[name](module, batch)
-        if name != "gan":
-            opts[0].zero_grad()
-            loss.backward()
-            opts[0].step()
-            for s in scheds:
-                s.step()
+        plain_step(name, module, batch, opts, scheds, bf16)
         waits.append(t1 - t0)
         steps.append(_now() - t1)
     if name == "classification":  # the epoch-level train/acc Lightning computes and resets
@@ -520,6 +590,10 @@ def measure_module(
     }
     return {
         "trainer_vs_plain": overhead,
+        # a smoke run (no warm-up) pairs 2 steps only
+        "trainer_vs_plain_per_step": measure_paired_steps(
+            name, batches, seed, load, min_steps=22 if warmup else 3, warmup=2 if warmup else 0
+        ),
         "bf16_vs_fp32": bf16,
         "pipeline": measure_pipeline(name, dm, steps, step32, seed)
         | {

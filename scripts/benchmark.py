@@ -324,20 +324,27 @@ def module_tables(modules: dict[str, dict[str, Any]], peak: dict[str, float]) ->
     fig = {k: {m: r[k] for m, r in modules.items()} for k in ("trainer_vs_plain", "pipeline")}
     fig |= {k: {m: r[k] for m, r in modules.items()} for k in ("flops", "bf16_vs_fp32")}
     o = fig["trainer_vs_plain"]
+    per_step = {m: r["trainer_vs_plain_per_step"] for m, r in modules.items()}
     lines = _table(
         "Trainer vs plain PyTorch loop, the same pre-built batches (target <= 1.05)",
         ["module", "steps", "plain s", "Trainer() + fit s", "ratio", "min .. max",
-         "ratio of medians", "loop ratio", "CPU ratio", "repeats", "load before / after"],
+         "ratio of medians", "loop ratio", "CPU ratio", "repeats",
+         "per step, paired (quartiles)", "load before / after"],
         [[m, str(f["steps"]), f"{f['plain_s']:.3f}", f"{f['lightning_s']:.3f}",
           f"{f['ratio']:.3f}", f"{f['ratio_min']:.2f} .. {f['ratio_max']:.2f}",
           f"{f['ratio_of_medians']:.3f}", f"{f['ratio_loop']:.3f}",
-          f"{f['ratio_cpu']:.3f}", str(f["repeats"]), _load(f)]
+          f"{f['ratio_cpu']:.3f}", str(f["repeats"]),
+          f"{per_step[m]['ratio']:.3f} ({per_step[m]['ratio_q1']:.2f} .. "
+          f"{per_step[m]['ratio_q3']:.2f}), {per_step[m]['pairs']} pairs", _load(f)]
          for m, f in o.items()],
         "Wall seconds, medians of the repeats, run in alternating order. Ratio: the median of "
         "each repeat's Trainer / plain ratio (the two runs of a repeat are neighbours in time, "
         "so slow spells of a shared machine cancel); min .. max: the spread of those ratios. "
         "Loop ratio: the epoch hook to hook against the plain loop without its optimizer setup. "
-        "CPU ratio: process CPU seconds.",
+        "CPU ratio: process CPU seconds. Per step, paired: one fit in which a twin module's plain "
+        "step follows each Lightning step on the same batch; Lightning's step is the time "
+        "between two batch starts less the twin's step; the median of the per-step ratios "
+        "(after 2 warm-up pairs), what a long run pays per step without fit's one-off setup.",
     )  # fmt: skip
     lines += _table(
         "Data pipeline vs training: the train DataLoader alone (target >= 5x)",

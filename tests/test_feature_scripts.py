@@ -156,6 +156,10 @@ def test_benchmark_module_figures_smoke(quick_run: tuple[dict, Path], module: st
         assert figure["threads"] == 1 and figure["repeats"] == 1
     for name, key in (("trainer_vs_plain", "ratio_loop"), ("trainer_vs_plain", "ratio_cpu")):
         assert math.isfinite(figures[name][key]) and figures[name][key] > 0
+    paired = figures["trainer_vs_plain_per_step"]  # step by step in one fit (--quick: 3 steps)
+    assert all(k in paired for k in FIGURE_KEYS) and paired["pairs"] == 2
+    assert paired["plain_step_s"] > 0 and paired["lightning_step_s"] > 0
+    assert paired["ratio_q1"] <= paired["ratio"] <= paired["ratio_q3"]
     assert math.isfinite(figures["bf16_vs_fp32"]["ratio_cpu"])
     assert 0.0 <= figures["pipeline"]["wait_share"] < 1.0
     assert figures["flops"]["flops_per_step"] > 0 and figures["flops"]["ratio"] < 1.5
