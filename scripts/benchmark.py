@@ -15,7 +15,10 @@ does):
 - Trainer vs plain loop (target <= 1.05): `Trainer(...)` + `fit` on a pre-built list of batches
   against a hand-written loop over the same list calling the module's own net, loss and
   configure_optimizers (for the GAN: its two optimisers and the D then G steps of its
-  training_step). Median of the repeats; the epoch hook to hook ("loop ratio") beside it.
+  training_step). Median of the repeats; the epoch hook to hook ("loop ratio") beside it. And
+  per step, paired inside one fit: a twin module's plain step after each Lightning step on the
+  same batch (bench_modules.PairedSteps), free of fit's one-off setup and of the machine's slow
+  spells, which last longer than a step.
 - Data pipeline vs training (target >= 5x): the DataModule's train DataLoader alone (the config's
   workers) against the training step on pre-built batches, and the share of a step spent in
   next(iterator) when that loader feeds the loop.
