@@ -95,6 +95,20 @@ def make_optimizer(params: Any, hp: Any) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay, fused=fused)
 
 
+def one_cycle(
+    opt: torch.optim.Optimizer, max_lr: float, total_steps: int, pct_start: float
+) -> torch.optim.lr_scheduler.OneCycleLR:
+    """torch's OneCycleLR, except where its warm-up is exactly one step: there
+    (pct_start x total_steps == 1, e.g. 0.2 x 5 or 0.1 x 10) torch's first phase has zero length
+    and its first step divides by zero. The warm-up is then lengthened by 1e-6 of a step, which
+    gives the same rates to 1e-6."""
+    if pct_start * total_steps == 1 and total_steps > 1:
+        pct_start = (1 + 1e-6) / total_steps
+    return torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=max_lr, total_steps=total_steps, pct_start=pct_start
+    )
+
+
 def check_data_classes(module: Any) -> None:
     """In `setup`: a detector's num_classes (objects + background) must be its DataModule's."""
     dm = module.trainer.datamodule if module._trainer is not None else None

@@ -43,7 +43,7 @@ from torchvision.ops import box_iou, nms
 from torchvision.utils import draw_segmentation_masks, make_grid
 
 from datamodules.deepmask import segm_rows
-from lit_modules.callbacks import check_choice, log_train_terms, make_optimizer
+from lit_modules.callbacks import check_choice, log_train_terms, make_optimizer, one_cycle
 from lit_modules.guard import NonFinitePolicy, finite_loss
 from lit_modules.metrics import ShardedListStates
 from lit_modules.nets.deepmask import (
@@ -477,9 +477,7 @@ class DeepMaskModule(LightningModule):
             return opt
         total = max(1, int(self.trainer.estimated_stepping_batches))
         if hp.scheduler == "onecycle":
-            sched: Any = torch.optim.lr_scheduler.OneCycleLR(
-                opt, max_lr=hp.lr, total_steps=total, pct_start=hp.warmup_pct
-            )
+            sched: Any = one_cycle(opt, hp.lr, total, hp.warmup_pct)
         else:
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -20,7 +20,13 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassConfusionMatrix
 from torchvision.utils import draw_segmentation_masks
 
-from lit_modules.callbacks import check_choice, check_labels, log_train_terms, make_optimizer
+from lit_modules.callbacks import (
+    check_choice,
+    check_labels,
+    log_train_terms,
+    make_optimizer,
+    one_cycle,
+)
 from lit_modules.guard import NonFinitePolicy, finite_loss
 from lit_modules.metrics import fcn_scores
 from lit_modules.nets.fcn import ARCHS, FCN, build_fcn
@@ -263,9 +269,7 @@ class FCNModule(LightningModule):
         if hp.scheduler == "poly":  # DeepLab's (1 - step/total)^0.9
             sched: Any = torch.optim.lr_scheduler.PolynomialLR(opt, total_iters=total, power=0.9)
         elif hp.scheduler == "onecycle":  # momentum (Adam's beta1) cycles too, 0.95 -> 0.85
-            sched = torch.optim.lr_scheduler.OneCycleLR(
-                opt, max_lr=hp.lr, total_steps=total, pct_start=hp.warmup_pct
-            )
+            sched = one_cycle(opt, hp.lr, total, hp.warmup_pct)
         else:
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -327,3 +327,43 @@ def test_fit_then_predict_writes_overlays(tmp_path: Path) -> None:
     assert len(rows) == 21 and all((pred / r["overlay"]).is_file() for r in rows)
     picture = Image.open(pred / rows[0]["overlay"])
     assert picture.size == (2 * 96, 96) and picture.mode == "RGB"
+
+
+@pytest.mark.parametrize("total,pct", [(5, 0.2), (10, 0.1), (4, 0.25), (700, 0.3)])
+def test_one_cycle_survives_a_one_step_warmup(total: int, pct: float) -> None:
+    """torch's OneCycleLR divides by zero on its first step where pct_start x total_steps == 1
+    (DeepMask's 0.2 warm-up at 5 steps); one_cycle gives torch's rates to 1e-6 instead, and
+    exactly torch's schedule elsewhere."""
+    from lit_modules.callbacks import one_cycle
+
+    def rates(make) -> list[float]:  # noqa: ANN001
+        opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1, momentum=0.9)
+        sched, out = make(opt), []
+        for _ in range(total):
+            out.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step() if len(out) < total else None
+        return out
+
+    ours = rates(lambda opt: one_cycle(opt, 0.1, total, pct))
+    assert all(0 < r <= 0.1 + 1e-12 for r in ours)
+    if pct * total != 1:
+        torch_rates = rates(
+            lambda opt: torch.optim.lr_scheduler.OneCycleLR(
+                opt, max_lr=0.1, total_steps=total, pct_start=pct
+            )
+        )
+        assert ours == torch_rates
+        return
+    with pytest.raises(ZeroDivisionError):  # the torch behaviour one_cycle works around
+        rates(
+            lambda opt: torch.optim.lr_scheduler.OneCycleLR(
+                opt, max_lr=0.1, total_steps=total, pct_start=pct
+            )
+        )
+    nudged = rates(
+        lambda opt: torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=0.1, total_steps=total, pct_start=1.001 / total
+        )
+    )
+    assert ours == pytest.approx(nudged, rel=1e-2)
