@@ -416,13 +416,16 @@ class DCGANModule(LightningModule):
         floor_fid = self.test_fid_floor if stage == "test" else None
         if fid is None:
             return
-        x = self._fid_input(images, stage)  # judge features (B, 256), or Inception's images
-        if (~floor).any():
-            fid.update(x[~floor], real=True)
-            if floor_fid is not None:
-                floor_fid.update(x[~floor], real=True)
-        if floor.any() and floor_fid is not None:
-            floor_fid.update(x[floor], real=False)
+        # float32 under any training precision (bf16-mixed autocasts the *_step hooks; the
+        # epoch-end hooks that sample run outside it): the scores measure G, not the measuring
+        with torch.autocast(self.device.type, enabled=False):
+            x = self._fid_input(images, stage)  # judge features (B, 256), or Inception's images
+            if (~floor).any():
+                fid.update(x[~floor], real=True)
+                if floor_fid is not None:
+                    floor_fid.update(x[~floor], real=True)
+            if floor.any() and floor_fid is not None:
+                floor_fid.update(x[floor], real=False)
 
     def _fid_input(self, images: torch.Tensor, stage: str) -> torch.Tensor:
         """What the FID metrics take: the judge's features (one pass, shared), or images."""
@@ -485,16 +488,11 @@ class DCGANModule(LightningModule):
             self.log(f"{stage}/inception_score", mean, sync_dist=False)
             inception_score.reset()
 
-    # Evaluation in float32 under any training precision (bf16-mixed autocasts the *_step
-    # hooks; the epoch-end hooks that sample run outside it): the scores measure G, not the
-    # precision of the measuring.
     def validation_step(self, batch: Any, batch_idx: int) -> None:
-        with torch.autocast(self.device.type, enabled=False):
-            self._eval_step(batch, batch_idx, "val")
+        self._eval_step(batch, batch_idx, "val")
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
-        with torch.autocast(self.device.type, enabled=False):
-            self._eval_step(batch, batch_idx, "test")
+        self._eval_step(batch, batch_idx, "test")
 
     def on_validation_epoch_end(self) -> None:
         self._eval_epoch_end("val")
@@ -557,9 +555,11 @@ class DCGANModule(LightningModule):
 def frozen(net: nn.Module, enabled: bool = True) -> Iterator[None]:
     """Within: `net`'s parameters need no gradient (autograd skips their weight gradients but
     still backpropagates through `net` to its inputs); their previous flags are restored."""
+    if not enabled:
+        yield
+        return
     flags = [p.requires_grad for p in net.parameters()]
-    if enabled:
-        net.requires_grad_(False)
+    net.requires_grad_(False)
     try:
         yield
     finally:
