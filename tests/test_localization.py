@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -13,7 +14,11 @@ from lightning.pytorch import Trainer
 from torch import nn
 
 from datamodules.detection import DetectionDataModule
-from datamodules.localization import LocalizationDataModule, LocalizationWindows
+from datamodules.localization import (
+    LocalizationDataModule,
+    LocalizationWindows,
+    visible_fractions,
+)
 from lit_modules.localization import BoxRegressor, LocalizationScores
 from lit_modules.nets.convolutionalize import convolutionalize
 from lit_modules.nets.localization import (
@@ -175,6 +180,25 @@ def test_dense_detections_map_cells_back_to_image_pixels(per_class: bool) -> Non
 
 
 # ----------------------------------------------------------------------------- data
+
+
+def test_visible_fractions_are_float32_division_exactly() -> None:
+    # the window search compares these shares with thresholds as NumPy did on float32 arrays:
+    # the plain-Python shares must be float32's quotients, bit for bit, and compare the same
+    g = np.random.default_rng(0)
+    for _ in range(300):
+        xy = g.integers(0, 80, size=(3, 2))
+        boxes = np.concatenate([xy, xy + g.integers(1, 40, size=(3, 2))], 1)  # (3, 4)
+        x, y = g.integers(0, 60, size=2).tolist()
+        window = (x, y, x + 40, y + 40)
+        f = boxes.astype(np.float32)
+        w = np.maximum(np.minimum(f[:, 2], window[2]) - np.maximum(f[:, 0], window[0]), 0)
+        h = np.maximum(np.minimum(f[:, 3], window[3]) - np.maximum(f[:, 1], window[1]), 0)
+        expected = (w * h / ((f[:, 2] - f[:, 0]) * (f[:, 3] - f[:, 1]))).astype(np.float32)
+        assert visible_fractions(boxes.tolist(), window) == expected.tolist()
+    # 3 of 10 px visible: float32(0.3) rounds up, so it is <= float32(0.3), not <= 0.3 in float64
+    (share,) = visible_fractions([[0, 0, 10, 1]], (7, 0, 47, 40))
+    assert share == float(np.float32(0.3)) and share > 0.3
 
 
 def test_windows_hold_one_whole_digit_or_background() -> None:
