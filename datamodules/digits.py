@@ -9,14 +9,21 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
 from PIL import Image
+from torch.nn.functional import grid_sample
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
+from torchvision.transforms.v2._utils import _get_fill
+from torchvision.transforms.v2.functional._geometry import (
+    _affine_parse_args,
+    _check_interpolation,
+    _get_inverse_affine_matrix,
+)
 
 from datamodules.common import make_loader
 
@@ -247,6 +254,60 @@ class _Images(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.images[i]
         return (self.augment(x) if self.augment is not None else x), self.labels[i]
+
+    def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """A batch (the DataLoader's batched fetch): `[self[i] for i in indices]`, bit for bit,
+        with the RandomAffine warps of the whole batch in one grid_sample (~0.19 ms a digit
+        through v2's per-sample dispatch, ~0.03 ms so)."""
+        if not isinstance(self.augment, v2.RandomAffine):
+            return [self[i] for i in indices]
+        images = self.images[indices]  # (B, C, H, W)
+        # drawn image by image, in order: the same global-RNG draws as self[i] one at a time
+        params = [self.augment.make_params([x]) for x in images]
+        warped = batched_affine(images, params, self.augment)
+        return list(zip(warped.unbind(0), self.labels[indices].unbind(0), strict=True))
+
+
+def batched_affine(
+    images: torch.Tensor, params: list[dict[str, Any]], transform: v2.RandomAffine
+) -> torch.Tensor:
+    """(B, C, H, W) float images, each warped as `transform.transform(images[b], params[b])`
+    warps it (torchvision's affine_image: inverse matrix, normalised grid, grid_sample with a
+    fill mask), the B grids made by one bmm and sampled by one grid_sample. Equal to the per-image
+    kernel bit for bit (tests/test_digits.py checks it against v2.RandomAffine)."""
+    b, _, h, w = images.shape
+    interpolation = _check_interpolation(transform.interpolation)
+    fill = _get_fill(transform._fill, type(images))
+    thetas = []
+    for p in params:
+        angle, translate, shear, center = _affine_parse_args(
+            p["angle"], p["translate"], p["scale"], p["shear"], interpolation, transform.center
+        )
+        center_f = [0.0, 0.0]
+        if center is not None:
+            center_f = [(c - s * 0.5) for c, s in zip(center, [w, h], strict=True)]
+        translate_f = [float(t) for t in translate]
+        thetas.append(_get_inverse_affine_matrix(center_f, angle, translate_f, p["scale"], shear))
+    theta = torch.tensor(thetas, dtype=images.dtype).reshape(b, 2, 3)
+    base = torch.empty(1, h, w, 3, dtype=images.dtype)  # as _affine_grid: pixel centres, 1
+    base[..., 0].copy_(torch.linspace((1.0 - w) * 0.5, (w - 1.0) * 0.5, steps=w))
+    base[..., 1].copy_(torch.linspace((1.0 - h) * 0.5, (h - 1.0) * 0.5, steps=h).unsqueeze_(-1))
+    base[..., 2].fill_(1)
+    scaled = theta.transpose(1, 2).div_(torch.tensor([0.5 * w, 0.5 * h], dtype=images.dtype))
+    grid = base.view(1, h * w, 3).expand(b, -1, -1).bmm(scaled).view(b, h, w, 2)
+    if fill is None:
+        return grid_sample(images, grid, mode=interpolation.value, align_corners=False)
+    mask = torch.ones((b, 1, h, w), dtype=images.dtype)
+    out = grid_sample(
+        torch.cat((images, mask), dim=1), grid, mode=interpolation.value, align_corners=False
+    )
+    out, mask = torch.tensor_split(out, indices=(-1,), dim=-3)
+    mask = mask.expand_as(out)
+    fill_list = fill if isinstance(fill, (tuple, list)) else [float(fill)]
+    fill_img = torch.tensor(fill_list, dtype=out.dtype).view(1, -1, 1, 1).expand_as(out)
+    if interpolation.value == "nearest":
+        return torch.where(mask < 0.5, fill_img, out)
+    return out.sub_(fill_img).mul_(mask).add_(fill_img)
 
 
 def budget_indices(labels: np.ndarray, per_class: int | None, seed: int) -> np.ndarray:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from torchvision.transforms import v2
 
 from datamodules.digits import (
     DIGITS_MEAN,
@@ -15,6 +16,7 @@ from datamodules.digits import (
     DigitCanvas,
     DigitsDataModule,
     DigitSplit,
+    _Images,
     load_mnist5k,
 )
 
@@ -381,3 +383,34 @@ def test_canvas_without_masks_is_the_same_scene() -> None:
         assert all(torch.equal(a[k], b[k]) for k in b)
         assert a["masks"].flatten(1).any(1).all()  # every digit has pixels, one label each
         assert (a["semantic"] > 0).sum() == a["masks"].sum()
+
+
+@pytest.mark.parametrize(
+    "transform",
+    [
+        v2.RandomAffine(degrees=10, translate=(0.1, 0.1), scale=(0.9, 1.1)),  # the digits' own
+        v2.RandomAffine(
+            degrees=30,
+            shear=(-5, 5, -3, 3),
+            interpolation=v2.InterpolationMode.BILINEAR,
+            fill=0.5,
+            center=(10, 12),
+        ),  # fmt: skip
+        v2.RandomAffine(degrees=15, fill=None),
+    ],
+)
+@pytest.mark.parametrize("shape", [(9, 1, 28, 28), (4, 3, 20, 24)])
+def test_batched_affine_is_the_per_image_transform_bit_for_bit(
+    transform: v2.RandomAffine, shape: tuple[int, ...]
+) -> None:
+    images = torch.randn(shape)
+    data = _Images(images, torch.arange(shape[0]), transform)
+    torch.manual_seed(3)
+    one_by_one = [data[i] for i in range(shape[0])]
+    after_one_by_one = torch.rand(1)
+    torch.manual_seed(3)
+    batched = data.__getitems__(list(range(shape[0])))
+    assert torch.equal(torch.rand(1), after_one_by_one)  # the same draws from the global RNG
+    for (a, ya), (b, yb) in zip(one_by_one, batched, strict=True):
+        assert torch.equal(a.view(torch.int32), b.view(torch.int32)) and torch.equal(ya, yb)
+    assert not torch.equal(batched[0][0], images[0])  # it did warp
