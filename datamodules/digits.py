@@ -18,12 +18,18 @@ from PIL import Image
 from torch.nn.functional import grid_sample
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
-from torchvision.transforms.v2._utils import _get_fill
-from torchvision.transforms.v2.functional._geometry import (
-    _affine_parse_args,
-    _check_interpolation,
-    _get_inverse_affine_matrix,
-)
+
+try:  # torchvision's own steps of affine_image, so that a batch warps as each image would
+    from torchvision.transforms.v2._utils import _get_fill
+    from torchvision.transforms.v2.functional._geometry import (
+        _affine_parse_args,
+        _check_interpolation,
+        _get_inverse_affine_matrix,
+    )
+
+    BATCHED_AFFINE = True
+except ImportError:  # private names moved in another torchvision: warp image by image
+    BATCHED_AFFINE = False
 
 from datamodules.common import make_loader
 
@@ -259,7 +265,7 @@ class _Images(Dataset):
         """A batch (the DataLoader's batched fetch): `[self[i] for i in indices]`, bit for bit,
         with the RandomAffine warps of the whole batch in one grid_sample (~0.19 ms a digit
         through v2's per-sample dispatch, ~0.03 ms so)."""
-        if not isinstance(self.augment, v2.RandomAffine):
+        if not (BATCHED_AFFINE and isinstance(self.augment, v2.RandomAffine)):
             return [self[i] for i in indices]
         images = self.images[indices]  # (B, C, H, W)
         # drawn image by image, in order: the same global-RNG draws as self[i] one at a time
