@@ -237,6 +237,22 @@ class ProposalDetectionDataModule(DetectionDataModule):
             # would record the CLI's hyperparameters of this DataModule as its own
             self.proposer.check_deepmask()
 
+    def fill_cache(self, shard: int = 0, shards: int = 1) -> tuple[int, int]:
+        """Look up (computing what is missing) the proposals of every `shards`-th train, val and
+        test image from `shard` on: what the loaders' first pass does, image by image, so that
+        several processes can share a cold cache's selective search (one thread each).
+        Returns (images looked up, images computed)."""
+        self.setup(None)
+        seen = computed = 0
+        for name in ("train", "val", "test"):
+            ds = self._sets[name]
+            for part in ds.datasets if isinstance(ds, ConcatDataset) else [ds]:
+                for i in range(shard, len(part), shards):
+                    image, _, _ = part.inner._sample(i)  # as WithProposals reads it
+                    computed += not self.proposer(to_hwc_uint8(image)).hit
+                    seen += 1
+        return seen, computed
+
     def _build(self, name: str, stage: str | None) -> Dataset:
         ds = super()._build(name, stage)
         if isinstance(ds, ConcatDataset):  # several coco / voc splits

@@ -226,6 +226,25 @@ def test_datamodule_batch_follows_the_contract(tmp_path):
         assert torch.equal(a["proposals"], b["proposals"]) and torch.equal(a["boxes"], b["boxes"])
 
 
+def test_fill_cache_shards_fill_what_the_loaders_read(tmp_path):
+    kw = {"train_length": 3, "eval_length": 2, "max_proposals": 40, "hflip_prob": 1.0}
+    dm = ProposalDetectionDataModule(cache_dir=str(tmp_path / "cache"), **kw)
+    parts = [dm.fill_cache(k, 2) for k in range(2)]  # two shards: 2 + 1 train, 1 + 1 val, test
+    assert [p[0] for p in parts] == [4, 3] and [p[1] for p in parts] == [4, 3]
+    assert len(list((tmp_path / "cache").rglob("*.pt"))) == 7
+    assert dm.fill_cache(0, 1) == (7, 0)  # all there now: nothing computed
+    # the loaders then read those entries (a flipped train scene too: looked up before the flip)
+    fresh = ProposalDetectionDataModule(cache_dir=None, **kw)
+    fresh.setup(None)
+    dm.setup(None)
+    for name in ("train", "val", "test"):
+        for i in range(len(dm._sets[name])):
+            _, cached = dm._sets[name][i]
+            _, computed = fresh._sets[name][i]
+            assert torch.equal(cached["proposals"], computed["proposals"])
+    assert len(list((tmp_path / "cache").rglob("*.pt"))) == 7  # no entry added by the reads
+
+
 def test_datamodule_moves_proposals_with_a_flip(tmp_path):
     dm = ProposalDetectionDataModule(
         train_length=2, hflip_prob=1.0, proposals="sliding", max_proposals=30, cache_dir=None
