@@ -78,7 +78,7 @@ def _worker_init(threads: int) -> None:
     # numpy / scipy / scikit-learn's BLAS too (the linear probes' C path): it would start a
     # thread per core in every process and oversubscribe them (a probe took 5.7 s instead of 3)
     threadpool_limits(threads)
-    quiet_lightning()  # a spawned process starts with no filters
+    quiet_lightning()  # a fresh process starts with no filters
 
 
 @contextlib.contextmanager
@@ -129,7 +129,7 @@ def pool_workers(jobs: int, threads: int = 1) -> int:
 
 
 def in_processes(fn: Callable[..., Any], jobs: list[tuple], *, threads: int = 1) -> list[Any]:
-    """`fn(*job)` for every job, over one spawned process per core, results in job order.
+    """`fn(*job)` for every job, over one process per core (`process_pool`), results in job order.
 
     Small runs are bound by Python and Lightning's per-run work, not by the math: one thread per
     process on every core beats one process with every thread. A fixed `threads` per run also
