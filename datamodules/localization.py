@@ -35,13 +35,13 @@ Sample = tuple[torch.Tensor, dict[str, torch.Tensor]]
 _TRIES = 20  # window draws before a sample falls back (see LocalizationWindows.__getitem__)
 
 
+_FLOAT32 = struct.Struct("f")
+_HALF = 0.5  # a positive window shows at most half of any other digit (exact in float32)
+
+
 def _f32(value: float) -> float:
     """`value` rounded to the nearest float32, as a Python float."""
     return _FLOAT32.unpack(_FLOAT32.pack(value))[0]
-
-
-_FLOAT32 = struct.Struct("f")
-_HALF = 0.5  # a positive window shows at most half of any other digit (exact in float32)
 
 
 def visible_fractions(boxes: list[list[int]], window: tuple[int, int, int, int]) -> list[float]:
