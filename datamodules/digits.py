@@ -15,7 +15,6 @@ import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
 from PIL import Image
-from torch.nn.functional import grid_sample
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
@@ -23,6 +22,7 @@ try:  # torchvision's own steps of affine_image, so that a batch warps as each i
     from torchvision.transforms.v2._utils import _get_fill
     from torchvision.transforms.v2.functional._geometry import (
         _affine_parse_args,
+        _apply_grid_transform,
         _check_interpolation,
         _get_inverse_affine_matrix,
     )
@@ -278,9 +278,9 @@ def batched_affine(
     images: torch.Tensor, params: list[dict[str, Any]], transform: v2.RandomAffine
 ) -> torch.Tensor:
     """(B, C, H, W) float images, each warped as `transform.transform(images[b], params[b])`
-    warps it (torchvision's affine_image: inverse matrix, normalised grid, grid_sample with a
-    fill mask), the B grids made by one bmm and sampled by one grid_sample. Equal to the per-image
-    kernel bit for bit (tests/test_digits.py checks it against v2.RandomAffine)."""
+    warps it (torchvision's affine_image: inverse matrix, normalised grid, its grid transform
+    with the fill mask), the B grids made by one bmm and sampled by one grid_sample. Equal to the
+    per-image kernel bit for bit (tests/test_digits.py checks it against v2.RandomAffine)."""
     b, _, h, w = images.shape
     interpolation = _check_interpolation(transform.interpolation)
     fill = _get_fill(transform._fill, type(images))
@@ -301,19 +301,7 @@ def batched_affine(
     base[..., 2].fill_(1)
     scaled = theta.transpose(1, 2).div_(torch.tensor([0.5 * w, 0.5 * h], dtype=images.dtype))
     grid = base.view(1, h * w, 3).expand(b, -1, -1).bmm(scaled).view(b, h, w, 2)
-    if fill is None:
-        return grid_sample(images, grid, mode=interpolation.value, align_corners=False)
-    mask = torch.ones((b, 1, h, w), dtype=images.dtype)
-    out = grid_sample(
-        torch.cat((images, mask), dim=1), grid, mode=interpolation.value, align_corners=False
-    )
-    out, mask = torch.tensor_split(out, indices=(-1,), dim=-3)
-    mask = mask.expand_as(out)
-    fill_list = fill if isinstance(fill, (tuple, list)) else [float(fill)]
-    fill_img = torch.tensor(fill_list, dtype=out.dtype).view(1, -1, 1, 1).expand_as(out)
-    if interpolation.value == "nearest":
-        return torch.where(mask < 0.5, fill_img, out)
-    return out.sub_(fill_img).mul_(mask).add_(fill_img)
+    return _apply_grid_transform(images, grid, interpolation.value, fill=fill)  # (B, C, H, W)
 
 
 def budget_indices(labels: np.ndarray, per_class: int | None, seed: int) -> np.ndarray:

@@ -43,6 +43,12 @@ def cli_main(args: list[str]) -> Any:
     return main(args)
 
 
+def config_class(class_path: str) -> type:
+    """The class a config's `class_path` names (`package.module.Class`)."""
+    module_name, _, cls_name = class_path.rpartition(".")
+    return getattr(importlib.import_module(module_name), cls_name)
+
+
 def quiet_lightning() -> None:
     """One line per run is enough when a script runs dozens: no Lightning banners or warnings."""
     for name in ("lightning.pytorch", "lightning.fabric"):

@@ -19,7 +19,6 @@
 from __future__ import annotations
 
 import csv
-import importlib
 import inspect
 import json
 import math
@@ -40,6 +39,7 @@ import yaml  # noqa: E402
 
 from scripts.demo import (  # noqa: E402
     CONFIGS,
+    config_class,
     fit_args,
     free_cores,
     in_processes,
@@ -157,8 +157,7 @@ def config_hparams(config: str) -> dict[str, Any]:
     """The model's hyper-parameters as a run of `config` saves them: its class's defaults
     updated by the config's init_args (what the random-D baseline needs before any run)."""
     model = yaml.safe_load((CONFIGS / config).read_text())["model"]
-    module_name, cls_name = model["class_path"].rsplit(".", 1)
-    cls = getattr(importlib.import_module(module_name), cls_name)
+    cls = config_class(model["class_path"])
     defaults = {
         k: v.default
         for k, v in inspect.signature(cls.__init__).parameters.items()

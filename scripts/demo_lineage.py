@@ -15,7 +15,6 @@ the section.
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import statistics
@@ -29,7 +28,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone, no install
 
 from lit_modules.nets.proposals import sliding_windows  # noqa: E402
-from scripts.demo import CONFIGS, fit_args, in_processes, run_config  # noqa: E402
+from scripts.demo import CONFIGS, config_class, fit_args, in_processes, run_config  # noqa: E402
 from scripts.demo_detection import source_weights  # noqa: E402
 from scripts.proposal_recall import COUNTS, digit_scenes, plot_recall, recall_curves  # noqa: E402
 from scripts.train import main as cli_main  # noqa: E402
@@ -106,9 +105,7 @@ def _best_checkpoint(run: Path) -> Path:
 def _fill_shard(config: str, shard: int, shards: int) -> tuple[int, int]:
     """One process's share of `fill_proposal_cache`: (images looked up, images computed)."""
     node = yaml.safe_load((CONFIGS / config).read_text())["data"]
-    module_name, cls_name = node["class_path"].rsplit(".", 1)
-    cls = getattr(importlib.import_module(module_name), cls_name)
-    return cls(**node.get("init_args", {})).fill_cache(shard, shards)
+    return config_class(node["class_path"])(**node.get("init_args", {})).fill_cache(shard, shards)
 
 
 def fill_proposal_cache(config: str) -> None:
@@ -138,8 +135,7 @@ def speeds_at(
     modules = {}
     for label, run in runs.items():
         path = yaml.safe_load((run / "config.yaml").read_text())["model"]["class_path"]
-        module_name, cls_name = path.rsplit(".", 1)
-        cls = getattr(importlib.import_module(module_name), cls_name)  # the run's own class
+        cls = config_class(path)  # the run's own class
         module = cls.load_from_checkpoint(_best_checkpoint(run), map_location="cpu").eval()
         module.hparams.test_max_proposals = None  # every one of the n
         modules[label] = module

@@ -257,18 +257,8 @@ def dense_detections(
     return out
 
 
-def _iou_row(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-    """IoU of one (4,) box with (N, 4) boxes: `_iou_matrix(box[None], boxes)[0]`, bit for bit."""
-    wh = np.maximum(np.minimum(box[2:], boxes[:, 2:]) - np.maximum(box[:2], boxes[:, :2]), 0.0)
-    inter = wh[:, 0] * wh[:, 1]
-    area = (box[2] - box[0]) * (box[3] - box[1])
-    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-    return inter / np.maximum(area + areas - inter, 1e-9)
-
-
 def _iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """(N, M) IoU of (N, 4) with (M, 4) float64 boxes, every pair in one broadcast (the same
-    operations, in the same order, as `_iou_row` for each row)."""
+    """(N, M) IoU of (N, 4) with (M, 4) float64 boxes, every pair in one broadcast."""
     lt = np.maximum(a[:, None, :2], b[None, :, :2])  # (N, M, 2)
     wh = np.maximum(np.minimum(a[:, None, 2:], b[None, :, 2:]) - lt, 0.0)
     inter = wh[..., 0] * wh[..., 1]
@@ -305,7 +295,7 @@ def greedy_merge(
         s[p] = total
         alive[q] = False
         iou[q, :] = iou[:, q] = -1.0
-        row = np.where(alive, _iou_row(b[p], b), -1.0)
+        row = np.where(alive, _iou_matrix(b[p : p + 1], b)[0], -1.0)
         row[p] = -1.0
         iou[p, :] = iou[:, p] = row
     return torch.from_numpy(b[alive]).to(boxes), torch.from_numpy(s[alive]).to(scores)
