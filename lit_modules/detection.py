@@ -95,8 +95,17 @@ class DetectionScoring:
     A LightningModule mixes it in before LightningModule, calls `_init_scoring()` in __init__
     and provides `forward(images) -> [{boxes, labels, scores}]`, `draw(images, preds, targets)`
     and `hparams.num_sample_images`; `_extra_seconds(targets)` adds work done outside forward
-    (external proposals) to the timed test forward.
+    (external proposals) to the timed test forward. A CPU run's batches stay as they come.
     """
+
+    def transfer_batch_to_device(
+        self, batch: Any, device: torch.device, dataloader_idx: int
+    ) -> Any:
+        # a DataLoader's batch is on the CPU already: Lightning's move would walk every tensor of
+        # the images list and the target dicts for nothing (~0.1 ms of a 25 ms Fast R-CNN step)
+        if device.type == "cpu":
+            return batch
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)  # type: ignore[misc]
 
     def _init_scoring(self) -> None:
         self.val_map, self.test_map = _new_map(), _new_map()

@@ -363,3 +363,12 @@ def test_rpn_proposals_in_image_pixels_and_the_caps_restored() -> None:
     assert 10 < len(boxes) <= 500 and boxes[:, 2].max() > 96  # beyond the resized width
     assert (boxes[:, 2] <= 192 + 1e-3).all() and (boxes[:, 3] <= 96 + 1e-3).all()
     assert net.training and net.rpn._post_nms_top_n["testing"] == 10  # left as it was
+
+
+def test_cpu_batches_stay_as_they_come_and_other_devices_still_move() -> None:
+    """DetectionScoring skips Lightning's per-tensor move on a CPU run, nothing else."""
+    module = FasterRCNNModule(**SMALL)
+    batch = ([torch.rand(3, 8, 8)], [{"boxes": torch.zeros(1, 4), "labels": torch.ones(1)}])
+    assert module.transfer_batch_to_device(batch, torch.device("cpu"), 0) is batch
+    images, targets = module.transfer_batch_to_device(batch, torch.device("meta"), 0)
+    assert images[0].device.type == "meta" and targets[0]["boxes"].device.type == "meta"
