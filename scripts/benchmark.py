@@ -2,7 +2,7 @@
 PyTorch loop, the data pipeline against training, achieved FLOP/s against the machine's matmul
 peak, bf16-mixed against fp32, and (detection) faster_coco_eval against pycocotools.
 
-    python scripts/benchmark.py [--out runs/benchmark] [--repeats 5] [--modules gan detection]
+    python scripts/benchmark.py [--out runs/benchmark] [--repeats 7] [--modules gan detection]
     python scripts/benchmark.py --quick    # tiny step counts: a smoke run (the tests')
 
 Absolute seconds depend on the machine and on whatever else runs on it; a ratio of two
@@ -497,7 +497,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=Formatter)
     add = parser.add_argument
     add("--out", type=Path, default=Path("runs/benchmark"), help="output folder")
-    add("--repeats", type=int, default=5, help="timed runs per side after one warm-up each")
+    add("--repeats", type=int, default=7, help="timed runs per side after one warm-up each")
     add("--epochs-bf16", type=int, default=3, help="classifier training epochs per precision")
     add("--threads", type=int, default=1, help="torch threads for every run (see above)")
     add("--seed", type=int, default=0, help="seed of every run")
