@@ -89,6 +89,19 @@ def resize_digits(images: np.ndarray, side: int, chunk: int = 128) -> np.ndarray
     return out
 
 
+def tight_boxes(images: np.ndarray) -> list[list[int] | None]:
+    """Per (N, S, S) uint8 image the tight [x0, y0, x1, y1] (exclusive ends) around its pixels
+    above 0.5 after / 255, i.e. >= 128 (float32(v / 255) > 0.5 exactly for v >= 128), or None
+    where there are none: the box DigitCanvas gives a pasted digit."""
+    side = images.shape[-1]
+    inside = images >= 128
+    rows, cols = inside.any(2), inside.any(1)  # (N, S) each
+    y0, x0 = rows.argmax(1), cols.argmax(1)
+    y1, x1 = side - rows[:, ::-1].argmax(1), side - cols[:, ::-1].argmax(1)
+    boxes = np.stack([x0, y0, x1, y1], 1).tolist()
+    return [b if any_ else None for b, any_ in zip(boxes, rows.any(1).tolist(), strict=True)]
+
+
 @dataclass(frozen=True)
 class DigitSplit:
     images: np.ndarray  # (N, 28, 28) uint8, white digit on black
@@ -99,20 +112,10 @@ class DigitSplit:
 
     def sized(self, side: int) -> tuple[np.ndarray, list[list[int] | None]]:
         """Every digit at (side, side), built once per process and side: `(images (N, side,
-        side) uint8, boxes)`, boxes[k] the tight [x0, y0, x1, y1] (exclusive ends) around digit
-        k's pixels above 0.5 after /255 (>= 128), or None where none is (~21 ms a side for the
-        4,000 train digits)."""
+        side) uint8, their tight_boxes)` (~21 ms a side for the 4,000 train digits)."""
         if side not in self._sized:
             images = resize_digits(self.images, side)
-            inside = images >= 128  # float32(v / 255) > 0.5 exactly for v >= 128
-            rows, cols = inside.any(2), inside.any(1)  # (N, side) each
-            y0, x0 = rows.argmax(1), cols.argmax(1)
-            y1, x1 = side - rows[:, ::-1].argmax(1), side - cols[:, ::-1].argmax(1)
-            boxes = np.stack([x0, y0, x1, y1], 1).tolist()
-            self._sized[side] = (
-                images,
-                [b if any_ else None for b, any_ in zip(boxes, rows.any(1).tolist(), strict=True)],
-            )
+            self._sized[side] = (images, tight_boxes(images))
         return self._sized[side]
 
 
@@ -243,7 +246,7 @@ class DigitCanvas(Dataset):
         self, rng: np.random.Generator, side: int
     ) -> tuple[np.ndarray, int, list[int] | None]:
         """A random digit of this split resized to (side, side), values in [0, 1]; its label; its
-        tight [x0, y0, x1, y1] in the square around the pixels above 0.5 (None: there are none)."""
+        tight box in the square (`tight_boxes`)."""
         k = int(rng.integers(len(self.digits.labels)))
         label = int(self.digits.labels[k])
         if self.digit_table:
@@ -256,11 +259,7 @@ class DigitCanvas(Dataset):
         # antialias kernel differs from it by 1-2 levels on ~0.3% of pixels)
         small = np.asarray(img.resize((side, side), Image.BILINEAR))  # (side, side) uint8
         digit = np.divide(small, np.float32(255.0), dtype=np.float32)
-        inside = digit > 0.5
-        rows, cols = np.flatnonzero(inside.any(1)), np.flatnonzero(inside.any(0))
-        if not len(rows):
-            return digit, label, None
-        return digit, label, [int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1]
+        return digit, label, tight_boxes(small[None])[0]
 
     def _paste_clutter(self, canvas: np.ndarray, rng: np.random.Generator) -> None:
         """Unlabelled digit fragments: strokes that look like digits but are not objects."""

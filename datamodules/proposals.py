@@ -146,9 +146,14 @@ class WithProposals(Dataset):
     def aspect_ratios(self) -> list[float]:
         return self.inner.aspect_ratios()  # type: ignore[attr-defined]
 
+    def lookup(self, index: int) -> tuple[torch.Tensor, dict, Any, CachedProposals]:
+        """Sample `index` before its transform, and its proposals (from the cache, or computed
+        and cached): `(image (3, H, W) uint8 or float [0, 1], objects, image_id, found)`."""
+        image, objects, image_id = self.inner._sample(index)
+        return image, objects, image_id, self.proposer(to_hwc_uint8(image))
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, Target]:
-        image, objects, image_id = self.inner._sample(index)  # (3, H, W) uint8 or float [0, 1]
-        found = self.proposer(to_hwc_uint8(image))
+        image, objects, image_id, found = self.lookup(index)
         h, w = image.shape[-2:]
         boxes = tv_tensors.BoundingBoxes(objects["boxes"], format="XYXY", canvas_size=(h, w))
         proposals = tv_tensors.BoundingBoxes(found.boxes, format="XYXY", canvas_size=(h, w))
@@ -248,8 +253,7 @@ class ProposalDetectionDataModule(DetectionDataModule):
             ds = self._sets[name]
             for part in ds.datasets if isinstance(ds, ConcatDataset) else [ds]:
                 for i in range(shard, len(part), shards):
-                    image, _, _ = part.inner._sample(i)  # as WithProposals reads it
-                    computed += not self.proposer(to_hwc_uint8(image)).hit
+                    computed += not part.lookup(i)[3].hit
                     seen += 1
         return seen, computed
 
